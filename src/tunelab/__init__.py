@@ -1,0 +1,1 @@
+"""Pretrain, fine-tune, distill, adapt and compress large pretrained models."""

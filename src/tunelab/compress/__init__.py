@@ -1,0 +1,1 @@
+"""Pruning, quantization, export and prediction."""

@@ -1,0 +1,118 @@
+"""Config helpers: the resolvers Hydra needs before it composes, and validation before anything runs.
+
+`run_dir` puts each run in its own folder (timestamp + process id, so two runs started in the
+same second never share one) and sends `ckpt_path=last` back into the newest run of that task.
+`validate` checks every `_target_` node against its signature, so a misspelt key in a YAML file
+fails with the valid keys listed instead of a TypeError halfway through start-up.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import get_object
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+
+from tunelab.errors import TunelabError
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def newest_run(task_dir: Path) -> Path | None:
+    """The most recently checkpointed run of a task (the one `ckpt_path=last` resumes)."""
+    lasts = sorted(task_dir.glob("runs/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    return lasts[-1].parent.parent if lasts else None
+
+
+def run_dir(log_dir: str, task_name: str, ckpt_path: Any = None) -> str:
+    """A fresh run folder, or the newest run's folder when resuming with `ckpt_path=last`."""
+    task_dir = Path(log_dir) / task_name
+    if ckpt_path == "last" and (found := newest_run(task_dir)) is not None:
+        return str(found)
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return str(task_dir / "runs" / f"{stamp}_{os.getpid()}")
+
+
+def embedded(name: str, root: str) -> str:
+    """Generate an embedded dataset on first use and return its folder."""
+    from tunelab.data.embedded import ensure
+
+    return str(ensure(name, Path(root)))
+
+
+def compose_config(overrides: list[str], output_dir: str | Path, log_dir: str | Path | None = None) -> DictConfig:
+    """The config `python train.py <overrides>` would see, for in-process runs (tests, benchmarks)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(CONF_DIR.parent)
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.log_dir = str(log_dir or output_dir.parent / "logs")
+    return cfg
+
+
+def register_resolvers() -> None:
+    for name, fn in (("run_dir", run_dir), ("embedded", embedded)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn, use_cache=True)
+
+
+def _accepted(target: Any) -> tuple[set[str], bool]:
+    """Parameter names a callable accepts, and whether it takes **kwargs."""
+    fn = target.__init__ if inspect.isclass(target) else target
+    params = inspect.signature(fn).parameters.values()
+    names = {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return names - {"self"}, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
+def validate(node: Any, path: str = "") -> None:
+    """Walk the config and check the keys of every `_target_` node against its callable."""
+    if isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            validate(item, f"{path}[{i}]")
+        return
+    if not isinstance(node, DictConfig):
+        return
+    if "_target_" in node:
+        try:
+            target = get_object(node._target_)
+        except Exception as e:
+            raise TunelabError(f"{path}._target_: cannot import {node._target_!r} ({e})") from None
+        names, var_kw = _accepted(target)
+        if not var_kw:
+            for key in node:
+                if isinstance(key, str) and not key.startswith("_") and key not in names:
+                    close = difflib.get_close_matches(key, names, n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else ""
+                    raise TunelabError(
+                        f"{path}.{key}: unknown key for {node._target_}{hint} (valid keys: {sorted(names)})"
+                    )
+    for key in node:
+        if path == "" and key == "hydra":
+            continue
+        if not OmegaConf.is_missing(node, key):
+            validate(node[key], f"{path}.{key}".lstrip("."))
+
+
+def check_required(cfg: DictConfig) -> None:
+    """Required values (`???`) must be given on the command line or in an experiment."""
+    missing = sorted(
+        f"{key}.{sub}" for key in cfg if key != "hydra" and isinstance(cfg[key], DictConfig)
+        for sub in OmegaConf.missing_keys(cfg[key])
+    )
+    if missing:
+        raise TunelabError(f"missing required config value(s): {', '.join(missing)} (give them as key=value)")

@@ -1,0 +1,1 @@
+"""Datasets: file loaders and the embedded datasets they read."""

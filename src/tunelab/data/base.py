@@ -1,0 +1,55 @@
+"""What every DataModule shares: named splits of a dataset, turned into loaders the same way."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from tunelab.errors import TunelabError
+
+
+class SplitDataModule(LightningDataModule):
+    """Holds `self.datasets[split]`; subclasses fill it in `setup` and may supply a collator."""
+
+    modality: str = ""
+
+    def __init__(self, batch_size: int, eval_batch_size: int | None, num_workers: int) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.labels: list[str] | None = None
+        self.datasets: dict[str, Dataset] = {}
+
+    @property
+    def num_classes(self) -> int:
+        if self.labels is None:
+            raise TunelabError("num_classes asked of data without labels (or before setup)")
+        return len(self.labels)
+
+    def collate_fn(self) -> Any:
+        return None
+
+    def loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            raise TunelabError(f"no {split} split (give data.{split}_file / a {split}/ folder, or a non-zero "
+                               f"data.{split}_fraction)")
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size if shuffle else self.eval_batch_size,
+            shuffle=shuffle,
+            collate_fn=self.collate_fn(),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.loader("test", shuffle=False)

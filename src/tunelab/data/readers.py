@@ -1,0 +1,138 @@
+"""Read user text files (.txt, .jsonl, .csv, .tsv) record by record, validating as we go.
+
+Every problem is reported as `path:line: what is wrong (expected ...)`, because a user with a
+100k-line file needs the line, not a pyarrow stack trace.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+
+TEXT_SUFFIXES = (".txt", ".text")
+JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+CSV_SUFFIXES = (".csv", ".tsv")
+SUFFIXES = TEXT_SUFFIXES + JSON_SUFFIXES + CSV_SUFFIXES
+
+
+def check_file(path: str | Path, role: str) -> Path:
+    """Return `path` as a Path if it is a readable file of a known format, else raise."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise TunelabError(f"{role}: file not found: {p} (expected an existing {'/'.join(SUFFIXES)} file)")
+    if p.suffix.lower() not in SUFFIXES:
+        raise TunelabError(f"{role}: unsupported file type {p.suffix!r} for {p} (expected one of {SUFFIXES})")
+    return p
+
+
+def file_stamp(path: Path) -> str:
+    """A content fingerprint, so cached datasets are rebuilt when the file changes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _lines(path: Path, encoding_errors: str) -> Iterator[tuple[int, str]]:
+    """Yield (line number, line) and name the line when it is not valid UTF-8."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                yield lineno, raw.decode("utf-8", errors=encoding_errors).rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise TunelabError(
+                    f"{path}:{lineno}: bytes that are not valid UTF-8 at column {e.start + 1} "
+                    "(expected UTF-8 text; set data.encoding_errors=replace to replace them)"
+                ) from None
+
+
+def read_records(
+    path: str | Path,
+    text_field: str = "text",
+    label_field: str | None = "label",
+    encoding_errors: str = "strict",
+    extra_fields: tuple[str, ...] = (),
+) -> Iterator[dict]:
+    """Yield `{"text", "label", "line", *extra_fields}` dicts; `label` only when `label_field` is set."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in TEXT_SUFFIXES:
+        if label_field is not None:
+            raise TunelabError(
+                f"{path}: plain-text files hold unlabelled lines, but data.label_field={label_field!r} "
+                "(expected a .jsonl or .csv file for labelled data, or data.label_field=null)"
+            )
+        for lineno, line in _lines(path, encoding_errors):
+            if line.strip():
+                yield {"text": line, "line": lineno}
+    elif suffix in JSON_SUFFIXES:
+        for lineno, line in _lines(path, encoding_errors):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TunelabError(f"{path}:{lineno}: malformed JSON ({e.msg}; expected one JSON object per line)") from None
+            if not isinstance(obj, dict):
+                raise TunelabError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
+            yield _record(obj, path, lineno, text_field, label_field, extra_fields)
+    else:
+        yield from _read_csv(path, text_field, label_field, encoding_errors, extra_fields)
+
+
+def _read_csv(path: Path, text_field: str, label_field: str | None, encoding_errors: str,
+              extra_fields: tuple[str, ...]) -> Iterator[dict]:
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    rows = (line for _, line in _lines(path, encoding_errors))
+    reader = csv.reader(rows, delimiter=delimiter, strict=True)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    except csv.Error as e:
+        raise TunelabError(f"{path}:1: malformed CSV header ({e})") from None
+    lineno = 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise TunelabError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+        lineno = reader.line_num
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise TunelabError(
+                f"{path}:{lineno}: malformed CSV row with {len(row)} fields (expected {len(header)}: {header})"
+            )
+        yield _record(dict(zip(header, row, strict=True)), path, lineno, text_field, label_field, extra_fields)
+
+
+def _record(obj: dict, path: Path, lineno: int, text_field: str, label_field: str | None,
+            extra_fields: tuple[str, ...] = ()) -> dict:
+    text = obj.get(text_field)
+    if not isinstance(text, str):
+        found = sorted(obj)
+        raise TunelabError(
+            f"{path}:{lineno}: missing text field {text_field!r} (found fields {found}; set data.text_field)"
+        )
+    record = {"text": text, "line": lineno}
+    if label_field is not None:
+        if label_field not in obj or obj[label_field] in (None, ""):
+            found = sorted(obj)
+            raise TunelabError(
+                f"{path}:{lineno}: missing label field {label_field!r} (found fields {found}; set data.label_field)"
+            )
+        record["label"] = str(obj[label_field])
+    for name in extra_fields:
+        if name not in obj:
+            raise TunelabError(f"{path}:{lineno}: missing field {name!r} (found fields {sorted(obj)})")
+        record[name] = str(obj[name])
+    return record

@@ -1,0 +1,173 @@
+"""The text DataModule: files in, tokenized dict batches out, for every text task.
+
+Records are read and validated by `readers`, stored with Hugging Face `datasets` (Arrow on disk,
+memory-mapped, cached by file content) and tokenized once with a cached `map`. Labelled data
+(`label_field` set) gives `labels`; unlabelled data (`label_field: null`) feeds MLM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import datasets
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from tunelab.data.base import SplitDataModule
+from tunelab.data.readers import check_file, file_stamp, read_records
+from tunelab.data.tokenizer import cached_wordpiece, load_tokenizer
+from tunelab.errors import TunelabError
+
+SPLITS = ("train", "val", "test")
+
+
+def _generate(path: str, text_field: str, label_field: str | None, encoding_errors: str, stamp: str,
+              domain_field: str | None, domains: list[str] | None) -> Iterator[dict]:
+    """Module-level generator so `datasets` can fingerprint it; `stamp` ties the cache to the file's content."""
+    del stamp
+    extra = (domain_field,) if domains else ()
+    for record in read_records(path, text_field, label_field, encoding_errors, extra):
+        if not domains or record.pop(domain_field) in domains:
+            yield record
+
+
+def _tokenize(batch: dict, tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict:
+    enc = tokenizer(batch["text"], truncation=True, max_length=max_length, return_token_type_ids=False)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+class TextDataModule(SplitDataModule):
+    """Train/val/test text from separate files, or a seeded split of the training file."""
+
+    modality = "text"
+
+    def __init__(
+        self,
+        train_file: str,
+        val_file: str | None = None,
+        test_file: str | None = None,
+        *,
+        text_field: str = "text",
+        label_field: str | None = "label",
+        labels: list[str] | None = None,
+        domains: list[str] | None = None,
+        domain_field: str = "domain",
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        seed: int = 0,
+        limit_train: int | None = None,
+        tokenizer: str | None = None,
+        trust_remote_code: bool = False,
+        vocab_size: int = 8000,
+        max_length: int = 128,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        encoding_errors: str = "strict",
+        cache_dir: str = ".cache",
+    ) -> None:
+        super().__init__(batch_size, eval_batch_size, num_workers)
+        if encoding_errors not in ("strict", "replace", "ignore"):
+            raise TunelabError(f"data.encoding_errors={encoding_errors!r} (expected strict, replace or ignore)")
+        self.files = {"train": train_file, "val": val_file, "test": test_file}
+        self.text_field, self.label_field = text_field, label_field
+        self.labels: list[str] | None = [str(x) for x in labels] if labels is not None else None
+        self.domains = [str(d) for d in domains] if domains else None
+        self.domain_field = domain_field
+        self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
+        self.limit_train = limit_train
+        self.tokenizer_source, self.trust_remote_code, self.vocab_size = tokenizer, trust_remote_code, vocab_size
+        self.max_length, self.encoding_errors = max_length, encoding_errors
+        self.cache_dir = Path(cache_dir)
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+
+    # ----------------------------------------------------------------- what tasks read
+    @property
+    def labelled(self) -> bool:
+        return self.label_field is not None
+
+    # ----------------------------------------------------------------- building
+    def setup(self, stage: str | None = None) -> None:
+        """Idempotent: train.py calls it before the task exists, Lightning calls it again."""
+        if self.datasets:
+            return
+        raw = self._read_splits()
+        self.tokenizer = self._tokenizer(raw["train"])
+        for split, ds in raw.items():
+            if self.labelled:
+                ds = self._encode_labels(ds, split)
+            self.datasets[split] = self._tokenized(ds)
+
+    def _read(self, split: str) -> datasets.Dataset:
+        path = check_file(self.files[split], f"data.{split}_file")
+        stamp = file_stamp(path)
+        only = f" of domains {self.domains}" if self.domains else ""
+        empty = TunelabError(f"data.{split}_file: {path} holds no records{only} (expected at least one non-empty line)")
+        try:
+            ds = datasets.Dataset.from_generator(
+                _generate,
+                gen_kwargs={"path": str(path.resolve()), "text_field": self.text_field,
+                            "label_field": self.label_field, "encoding_errors": self.encoding_errors,
+                            "stamp": stamp, "domain_field": self.domain_field, "domains": self.domains},
+                cache_dir=str(self.cache_dir / "datasets"),
+            )
+        except datasets.exceptions.DatasetGenerationError as e:
+            cause = e.__cause__
+            while cause is not None and not isinstance(cause, TunelabError):
+                cause = cause.__cause__ or cause.__context__
+            raise (cause or empty) from None
+        if len(ds) == 0:
+            raise empty
+        return ds
+
+    def _read_splits(self) -> dict[str, datasets.Dataset]:
+        train = self._read("train")
+        raw = {"train": train}
+        for split, fraction in (("test", self.test_fraction), ("val", self.val_fraction)):
+            if self.files[split]:
+                raw[split] = self._read(split)
+            elif fraction > 0:
+                parts = raw["train"].train_test_split(test_size=fraction, seed=self.seed)
+                raw["train"], raw[split] = parts["train"], parts["test"]
+        if self.limit_train:
+            raw["train"] = raw["train"].shuffle(seed=self.seed).select(range(min(self.limit_train, len(raw["train"]))))
+        for split, ds in raw.items():
+            if len(ds) == 0:
+                raise TunelabError(f"the {split} split is empty (check data.{split}_file or data.{split}_fraction)")
+        return raw
+
+    def _tokenizer(self, train: datasets.Dataset) -> PreTrainedTokenizerBase:
+        if self.tokenizer_source:
+            return load_tokenizer(str(self.tokenizer_source), self.trust_remote_code)
+        texts = (train[i : i + 1000]["text"] for i in range(0, len(train), 1000))
+        flat = (t for batch in texts for t in batch)
+        return cached_wordpiece(flat, key=train._fingerprint, vocab_size=self.vocab_size, cache_dir=self.cache_dir)
+
+    def _encode_labels(self, ds: datasets.Dataset, split: str) -> datasets.Dataset:
+        if self.labels is None:
+            if split != "train":
+                raise TunelabError("label set unknown: read the train split first")
+            found = ds.unique("label")
+            self.labels = sorted(found, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+        index = {name: i for i, name in enumerate(self.labels)}
+        bad = ds.filter(lambda r: r["label"] not in index)
+        if len(bad):
+            row = bad[0]
+            raise TunelabError(
+                f"{self.files[split] or self.files['train']}:{row['line']}: label {row['label']!r} is not in the "
+                f"label set (expected one of {self.labels}; set data.labels to change it)"
+            )
+        return ds.map(lambda r: {"labels": index[r["label"]]}, remove_columns=["label"])
+
+    def _tokenized(self, ds: datasets.Dataset) -> datasets.Dataset:
+        return ds.map(
+            _tokenize,
+            batched=True,
+            fn_kwargs={"tokenizer": self.tokenizer, "max_length": self.max_length},
+            remove_columns=["text", "line"],
+        )
+
+    # ----------------------------------------------------------------- loaders
+    def collate_fn(self) -> Any:
+        return DataCollatorWithPadding(self.tokenizer, return_tensors="pt")

@@ -1,0 +1,1 @@
+"""Backbones from transformers and timm, heads and adapters."""

@@ -1,0 +1,158 @@
+"""Text networks from `transformers`: built from a small config, or loaded by directory or hub name.
+
+The network is the ecosystem's own model class (`AutoModelForSequenceClassification`,
+`AutoModelForMaskedLM`), so `save_pretrained` exports exactly what was trained and any
+`transformers` user loads it by path. Features for domain heads and distillation are read off the
+input of the model's own classifier, which is the pooled representation for every architecture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from tunelab.errors import TunelabError
+
+HEADS = {"classifier": AutoModelForSequenceClassification, "masked_lm": AutoModelForMaskedLM}
+
+
+@dataclass
+class Output:
+    """What every backbone returns: class logits and the features the head saw."""
+
+    logits: torch.Tensor
+    features: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+def check_pretrained(source: str) -> str:
+    """Fail early, naming the path, when a local model directory is missing or holds no model."""
+    path = Path(source).expanduser()
+    looks_local = path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
+    if not looks_local:
+        return source  # a hub name: resolved by transformers when online
+    if not path.is_dir():
+        raise TunelabError(f"model.pretrained: directory not found: {path} (expected a Hugging Face model folder)")
+    if not (path / "config.json").is_file():
+        raise TunelabError(
+            f"model.pretrained: {path} holds no model (expected config.json and model.safetensors, as written "
+            "by save_pretrained)"
+        )
+    return str(path.resolve())
+
+
+class TextModel(nn.Module):
+    """A `transformers` model with a classification or masked-LM head."""
+
+    modality = "text"
+
+    def __init__(
+        self,
+        head: str = "classifier",
+        labels: list[str] | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        *,
+        pretrained: str | None = None,
+        arch: str = "bert",
+        hidden_size: int = 128,
+        num_layers: int = 2,
+        num_heads: int = 2,
+        intermediate_size: int = 512,
+        max_position_embeddings: int = 512,
+        dropout: float = 0.1,
+        ignore_mismatched_sizes: bool = False,
+        trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if head not in HEADS:
+            raise TunelabError(f"unknown head {head!r} (expected one of {sorted(HEADS)})")
+        self.head = head
+        kwargs: dict[str, Any] = {}
+        if head == "classifier":
+            if not labels:
+                raise TunelabError("a classifier needs labelled data (data.label_field and its labels)")
+            kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                      "label2id": {name: i for i, name in enumerate(labels)}}
+        if pretrained:
+            self.net = self._load(HEADS[head], check_pretrained(str(pretrained)), kwargs, ignore_mismatched_sizes,
+                                  trust_remote_code)
+        else:
+            if tokenizer is None:
+                raise TunelabError("a from-scratch text model needs a tokenizer to size its vocabulary")
+            config = AutoConfig.for_model(
+                arch, vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
+                num_attention_heads=num_heads, intermediate_size=intermediate_size,
+                max_position_embeddings=max_position_embeddings, hidden_dropout_prob=dropout,
+                attention_probs_dropout_prob=dropout, pad_token_id=tokenizer.pad_token_id, **kwargs,
+            )
+            self.net = HEADS[head].from_config(config, attn_implementation="sdpa")
+        if tokenizer is not None:
+            self._check_vocab(tokenizer)
+        if gradient_checkpointing:
+            self.net.gradient_checkpointing_enable()
+        self._features: torch.Tensor | None = None
+        if head == "classifier":
+            self.classifier.register_forward_pre_hook(self._keep_features)
+
+    @staticmethod
+    def _load(cls: Any, source: str, kwargs: dict, ignore_mismatched_sizes: bool, trust_remote_code: bool) -> PreTrainedModel:
+        try:
+            return cls.from_pretrained(source, ignore_mismatched_sizes=ignore_mismatched_sizes,
+                                       trust_remote_code=trust_remote_code, **kwargs)
+        except RuntimeError as e:
+            raise TunelabError(
+                f"model.pretrained: the checkpoint in {source} does not fit ({str(e).splitlines()[0]}); set "
+                "model.ignore_mismatched_sizes=true to re-initialise a head of another size"
+            ) from None
+        except (OSError, ValueError) as e:
+            raise TunelabError(f"model.pretrained: could not load {source!r} ({e})") from None
+
+    def _check_vocab(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        rows = self.net.get_input_embeddings().num_embeddings
+        if len(tokenizer) > rows:
+            raise TunelabError(
+                f"the tokenizer has {len(tokenizer)} tokens but the model's embeddings have {rows} rows "
+                "(expected the tokenizer saved with the model)"
+            )
+
+    @property
+    def classifier(self) -> nn.Module:
+        for name in ("classifier", "score", "logits_proj"):
+            if isinstance(getattr(self.net, name, None), nn.Module):
+                return getattr(self.net, name)
+        raise TunelabError(f"{type(self.net).__name__} has no classifier module named classifier/score")
+
+    @property
+    def feature_size(self) -> int:
+        return int(self.net.config.hidden_size)
+
+    def _keep_features(self, module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        self._features = x[:, 0] if x.dim() == 3 else x
+
+    def forward(self, batch: dict[str, torch.Tensor], output_hidden_states: bool = False,
+                output_attentions: bool = False) -> Output:
+        out = self.net(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                       output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        features, self._features = self._features, None
+        return Output(out.logits, features, out.hidden_states if output_hidden_states else None,
+                      out.attentions if output_attentions else None)
+
+    def export(self, directory: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+        """Write the model (and tokenizer) in Hugging Face format, loadable without tunelab."""
+        self.net.save_pretrained(directory, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)

@@ -1,0 +1,103 @@
+"""What every task shares: optimizer and schedule from config, backbone learning-rate multiplier.
+
+A task gets `optimizer` (a partial taking `params`) and `scheduler` (a partial taking `optimizer`
+and `num_training_steps`) from Hydra; the number of steps is only known once the Trainer exists,
+so schedules are built in `configure_optimizers` from `trainer.estimated_stepping_batches`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from lightning import LightningModule
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight", "bn.weight", "ln")
+
+
+def param_groups(named: Iterable[tuple[str, nn.Parameter]], lr: float) -> list[dict]:
+    """Split trainable parameters into decayed and not-decayed (biases, norms: decay would shrink them)."""
+    decay, no_decay = [], []
+    for name, p in named:
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or any(k in name for k in NO_DECAY) else decay).append(p)
+    groups = [{"params": decay, "lr": lr}, {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, num_training_steps: int, name: str = "cosine",
+                    warmup_ratio: float = 0.06) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup then `name` decay (cosine, linear, constant_with_warmup...), via transformers."""
+    from transformers import get_scheduler
+
+    return get_scheduler(name, optimizer, num_warmup_steps=int(warmup_ratio * num_training_steps),
+                         num_training_steps=num_training_steps)
+
+
+class Task(LightningModule):
+    """Base LightningModule: subclasses define `trainable_modules()` and their steps."""
+
+    def __init__(
+        self,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        backbone_lr_mult: float = 1.0,
+        freeze_backbone: bool = False,
+    ) -> None:
+        super().__init__()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.backbone_lr_mult = backbone_lr_mult
+        self.freeze_backbone = freeze_backbone
+
+    def lr_groups(self) -> list[tuple[nn.Module, float, Callable[[str], bool]]]:
+        """(module, lr multiplier, keep(name)) triples; override to give parts their own rate."""
+        return [(self, 1.0, lambda _: True)]
+
+    def configure_optimizers(self) -> Any:
+        base_lr = self.optimizer_factory.keywords["lr"]  # a Hydra partial: optimizer.lr is required
+        groups: list[dict] = []
+        for module, mult, keep in self.lr_groups():
+            named = ((n, p) for n, p in module.named_parameters() if keep(n))
+            groups += param_groups(named, base_lr * mult)
+        optimizer = self.optimizer_factory(params=groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer,
+                                           num_training_steps=int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def classification_metrics(num_classes: int) -> MetricCollection:
+    """Accuracy and macro-F1, the pair every classification task reports."""
+    return MetricCollection({
+        "acc": MulticlassAccuracy(num_classes, average="micro"),
+        "f1": MulticlassF1Score(num_classes, average="macro"),
+    })
+
+
+def log_confusion_matrix(module: LightningModule, matrix: MulticlassConfusionMatrix, tag: str,
+                         labels: list[str] | None = None) -> None:
+    """Draw the confusion matrix as an image in TensorBoard (other loggers are skipped)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    loggers = [lg for lg in module.loggers if isinstance(lg, TensorBoardLogger)]
+    if not loggers or module.trainer.sanity_checking:
+        matrix.reset()
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, _ = matrix.plot(labels=labels)
+    fig.set_size_inches(max(4, 0.5 * matrix.num_classes + 2), max(4, 0.5 * matrix.num_classes + 2))
+    for logger in loggers:
+        logger.experiment.add_figure(tag, fig, global_step=module.global_step)
+    plt.close(fig)
+    matrix.reset()

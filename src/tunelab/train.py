@@ -1,0 +1,144 @@
+"""One run, any task: validate -> instantiate -> fit -> test -> write artifacts -> return the metric.
+
+This is the only place that instantiates a whole run from config. Read it top to bottom.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from tunelab.config import check_required, register_resolvers, validate
+from tunelab.errors import TunelabError
+
+log = logging.getLogger("tunelab")
+register_resolvers()
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Train and test one configuration; return `cfg.optimized_metric` for sweeps."""
+    check_required(cfg)
+    validate(cfg)
+    out = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    check_modalities(cfg, datamodule)
+    task = instantiate(cfg.task, datamodule=datamodule)
+
+    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), out)
+    if ckpt_path:
+        check_checkpoint_fits(ckpt_path, task)
+    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    log_hparams(loggers, cfg)
+
+    if cfg.get("train", True):
+        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    metrics = dict(trainer.callback_metrics)
+    if cfg.get("test", True):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(task, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        metrics.update(trainer.callback_metrics)
+
+    if trainer.is_global_zero:
+        write_artifacts(out, cfg, task, metrics, trainer)
+    return metric_value(metrics, cfg.get("optimized_metric"))
+
+
+def check_modalities(cfg: DictConfig, datamodule: Any) -> None:
+    """A text model on image data (or the reverse) is a config mistake; say which override fixes it."""
+    model_cls = instantiate(cfg.model).func if cfg.get("model") else None
+    want, have = getattr(model_cls, "modality", None), getattr(datamodule, "modality", None)
+    if want and have and want != have:
+        choices = HydraConfig.get().runtime.choices
+        raise TunelabError(
+            f"model={choices.get('model')} is a {want} model but data={choices.get('data')} is {have} data "
+            f"(pick a {have} model, e.g. model={'timm' if have == 'image' else 'bert_tiny'})"
+        )
+
+
+def resolve_checkpoint(ckpt_path: str | None, out: Path) -> str | None:
+    """`last` means this run folder's last.ckpt (run_dir already picked the newest run)."""
+    if not ckpt_path:
+        return None
+    path = out / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path).expanduser()
+    if not path.is_file():
+        what = "no earlier run of this task has checkpoints/last.ckpt" if ckpt_path == "last" else "file not found"
+        raise TunelabError(f"ckpt_path={ckpt_path}: {what} ({path}; expected a Lightning .ckpt file)")
+    return str(path)
+
+
+def check_checkpoint_fits(path: str, task: L.LightningModule) -> None:
+    """Compare tensor names and shapes before fitting, so a mismatch is one clear message."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    except Exception as e:
+        raise TunelabError(f"ckpt_path={path}: not a readable Lightning checkpoint ({e})") from None
+    own = task.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        detail = "; ".join(
+            f"{name}: {keys[:3]}{' ...' if len(keys) > 3 else ''}"
+            for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong))
+            if keys
+        )
+        raise TunelabError(f"ckpt_path={path}: checkpoint does not fit this task/model ({detail})")
+
+
+def log_hparams(loggers: list, cfg: DictConfig) -> None:
+    """The whole config as hyper-parameters, with the final metrics in TensorBoard's HPARAMS row."""
+    params = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("paths", "hydra"):
+        params.pop(key, None)
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(params, metrics={m: float("nan") for m in cfg.get("hparams_metrics", [])})
+        else:
+            logger.log_hyperparams(params)
+
+
+def metric_value(metrics: dict, name: str | None) -> float | None:
+    if not name:
+        return None
+    if name not in metrics:
+        raise TunelabError(f"optimized_metric={name!r} was not logged (logged: {sorted(metrics)})")
+    return float(metrics[name])
+
+
+def write_artifacts(out: Path, cfg: DictConfig, task: Any, metrics: dict, trainer: L.Trainer) -> None:
+    """metrics.json, model/ in its ecosystem's format, and the task's `latest` pointer."""
+    values = {k: float(v) for k, v in metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    ckpt = trainer.checkpoint_callback
+    values_file = {"metrics": values, "best_checkpoint": ckpt.best_model_path if ckpt else None,
+                   "task": cfg.task_name}
+    (out / "metrics.json").write_text(json.dumps(values_file, indent=2, sort_keys=True))
+    if hasattr(task, "export"):
+        task.export(str(out / "model"))
+    point_latest(out, Path(cfg.paths.log_dir) / cfg.task_name / "latest")
+    log.info("run finished: %s", out)
+
+
+def point_latest(target: Path, link: Path) -> None:
+    """Atomically repoint `logs/<task>/latest` (a relative symlink) at `target`."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(f".latest.{os.getpid()}")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(os.path.relpath(target.resolve(), link.parent.resolve()), target_is_directory=True)
+    os.replace(tmp, link)

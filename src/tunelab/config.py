@@ -66,7 +66,7 @@ def compose_config(overrides: list[str], output_dir: str | Path, log_dir: str | 
 
 
 def register_resolvers() -> None:
-    for name, fn in (("run_dir", run_dir), ("embedded", embedded)):
+    for name, fn in (("run_dir", run_dir), ("embedded", embedded), ("cwd", os.getcwd)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn, use_cache=True)
 

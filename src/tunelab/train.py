@@ -18,11 +18,13 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from tunelab import distributed
 from tunelab.config import check_required, register_resolvers, validate
 from tunelab.errors import TunelabError
 
 log = logging.getLogger("tunelab")
 register_resolvers()
+distributed.install()
 
 
 def run(cfg: DictConfig) -> float | None:

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch.distributed as dist
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tunelab.errors import TunelabError
+
+
+def eval_sampler(dataset: Dataset) -> Sampler | None:
+    """Across ranks, evaluate every sample exactly once (Lightning's default pads with repeats)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    return UnrepeatedDistributedSampler(dataset, shuffle=False)
 
 
 class SplitDataModule(LightningDataModule):
@@ -36,10 +45,12 @@ class SplitDataModule(LightningDataModule):
         if split not in self.datasets:
             raise TunelabError(f"no {split} split (give data.{split}_file / a {split}/ folder, or a non-zero "
                                f"data.{split}_fraction)")
+        dataset = self.datasets[split]
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=self.batch_size if shuffle else self.eval_batch_size,
             shuffle=shuffle,
+            sampler=None if shuffle else eval_sampler(dataset),
             collate_fn=self.collate_fn(),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -8,6 +8,7 @@ missing, and the sampler sees every finished one.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import optuna
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
@@ -20,6 +21,8 @@ def finished_trials(storage: str | None, study_name: str | None) -> int:
     """Trials of the stored study that ran to the end (0 when there is no stored study yet)."""
     if not storage or not study_name:
         return 0
+    if storage.startswith("sqlite:///"):  # SQLite creates the file, not its folder
+        Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
@@ -36,4 +39,6 @@ class ResumableOptunaSweeper(OptunaSweeper):
         if remaining == 0:
             return None
         impl.n_trials = remaining
+        if done:  # a seeded sampler would otherwise propose the first trials again
+            impl.sampler.reseed_rng()
         return super().sweep(arguments)

@@ -1,0 +1,1 @@
+"""Hydra plugins shipped with tunelab (Hydra only loads plugins from the hydra_plugins namespace)."""

@@ -39,6 +39,8 @@ def run(cfg: DictConfig) -> float | None:
     datamodule.setup("fit")
     check_modalities(cfg, datamodule)
     task = instantiate(cfg.task, datamodule=datamodule)
+    if cfg.get("compile"):
+        task.model.compile()  # in place: checkpoint keys and the exported model stay the same
 
     ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), out)
     if ckpt_path:
@@ -56,8 +58,9 @@ def run(cfg: DictConfig) -> float | None:
         trainer.test(task, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update(trainer.callback_metrics)
 
+    export_task = gather_for_export(cfg, task, datamodule, trainer)
     if trainer.is_global_zero:
-        write_artifacts(out, cfg, task, metrics, trainer)
+        write_artifacts(out, cfg, export_task, metrics, trainer)
     return metric_value(metrics, cfg.get("optimized_metric"))
 
 
@@ -121,6 +124,23 @@ def metric_value(metrics: dict, name: str | None) -> float | None:
     if name not in metrics:
         raise TunelabError(f"optimized_metric={name!r} was not logged (logged: {sorted(metrics)})")
     return float(metrics[name])
+
+
+def gather_for_export(cfg: DictConfig, task: L.LightningModule, datamodule: Any, trainer: L.Trainer) -> Any:
+    """Under FSDP each rank holds a shard: gather full weights (a collective, all ranks) into a fresh task."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return task
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(trainer.strategy.model, options=StateDictOptions(full_state_dict=True,
+                                                                                  cpu_offload=True))
+    if not trainer.is_global_zero:
+        return task
+    fresh = instantiate(cfg.task, datamodule=datamodule)
+    fresh.load_state_dict({k.removeprefix("_forward_module."): v for k, v in state.items()})
+    return fresh
 
 
 def write_artifacts(out: Path, cfg: DictConfig, task: Any, metrics: dict, trainer: L.Trainer) -> None:

@@ -78,8 +78,10 @@ def test_image_run_exports_timm_folder_with_same_logits(make_cfg) -> None:
     out = Path(cfg.paths.output_dir)
     weights = out / "model" / "model.safetensors"
     assert weights.is_file() and (out / "model" / "config.json").is_file()
-    net = timm.create_model("resnet10t", pretrained=True, num_classes=10,
-                            pretrained_cfg_overlay={"file": str(weights)}).eval()
+    net = timm.create_model(f"local-dir:{out / 'model'}", pretrained=True).eval()
+    same = timm.create_model("resnet10t", pretrained=True, num_classes=10,
+                             pretrained_cfg_overlay={"file": str(weights), "num_classes": 10}).eval()
+    assert timm.data.resolve_data_config(model=net)["input_size"] == (3, 32, 32)
     dm = instantiate(cfg.data)
     dm.setup("test")
     task = instantiate(cfg.task, datamodule=dm)
@@ -89,6 +91,7 @@ def test_image_run_exports_timm_folder_with_same_logits(make_cfg) -> None:
     x = next(iter(dm.test_dataloader()))
     with torch.no_grad():
         assert torch.allclose(net(x["pixel_values"]), task(x), atol=1e-5)
+        assert torch.allclose(same(x["pixel_values"]), task(x), atol=1e-5)
 
 
 def test_pretrained_directory_loads_exactly_those_weights(make_cfg, tiny_hf_dir: Path, tmp_path: Path) -> None:

@@ -65,6 +65,22 @@ def compose_config(overrides: list[str], output_dir: str | Path, log_dir: str | 
     return cfg
 
 
+def build(node: Any, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, but a TunelabError raised inside surfaces as itself, not wrapped."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, TunelabError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
 def register_resolvers() -> None:
     for name, fn in (("run_dir", run_dir), ("embedded", embedded), ("cwd", os.getcwd)):
         if not OmegaConf.has_resolver(name):

@@ -14,12 +14,11 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from tunelab import distributed
-from tunelab.config import check_required, register_resolvers, validate
+from tunelab.config import build, check_required, register_resolvers, validate
 from tunelab.errors import TunelabError
 
 log = logging.getLogger("tunelab")
@@ -34,20 +33,20 @@ def run(cfg: DictConfig) -> float | None:
     out = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = instantiate(cfg.data)
+    datamodule = build(cfg.data)
+    check_modalities(cfg, datamodule)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    check_modalities(cfg, datamodule)
-    task = instantiate(cfg.task, datamodule=datamodule)
+    task = build(cfg.task, datamodule=datamodule)
     if cfg.get("compile"):
         task.model.compile()  # in place: checkpoint keys and the exported model stay the same
 
     ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), out)
     if ckpt_path:
         check_checkpoint_fits(ckpt_path, task)
-    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
-    loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    callbacks = [build(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    loggers = [build(c) for c in cfg.get("logger", {}).values() if c is not None]
+    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     log_hparams(loggers, cfg)
 
     if cfg.get("train", True):
@@ -66,7 +65,7 @@ def run(cfg: DictConfig) -> float | None:
 
 def check_modalities(cfg: DictConfig, datamodule: Any) -> None:
     """A text model on image data (or the reverse) is a config mistake; say which override fixes it."""
-    model_cls = instantiate(cfg.model).func if cfg.get("model") else None
+    model_cls = build(cfg.model).func if cfg.get("model") else None
     want, have = getattr(model_cls, "modality", None), getattr(datamodule, "modality", None)
     if want and have and want != have:
         choices = HydraConfig.get().runtime.choices
@@ -108,9 +107,8 @@ def check_checkpoint_fits(path: str, task: L.LightningModule) -> None:
 
 def log_hparams(loggers: list, cfg: DictConfig) -> None:
     """The whole config as hyper-parameters, with the final metrics in TensorBoard's HPARAMS row."""
-    params = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("paths", "hydra"):
-        params.pop(key, None)
+    params = {key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+              for key, value in cfg.items() if key not in ("paths", "hydra")}
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.log_hyperparams(params, metrics={m: float("nan") for m in cfg.get("hparams_metrics", [])})
@@ -138,7 +136,7 @@ def gather_for_export(cfg: DictConfig, task: L.LightningModule, datamodule: Any,
                                                                                   cpu_offload=True))
     if not trainer.is_global_zero:
         return task
-    fresh = instantiate(cfg.task, datamodule=datamodule)
+    fresh = build(cfg.task, datamodule=datamodule)
     fresh.load_state_dict({k.removeprefix("_forward_module."): v for k, v in state.items()})
     return fresh
 

@@ -19,6 +19,19 @@ def eval_sampler(dataset: Dataset) -> Sampler | None:
     return UnrepeatedDistributedSampler(dataset, shuffle=False)
 
 
+class IndexedDataset(Dataset):
+    """Each sample plus `index`, its position in the split, so a task can look up per-sample caches."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.base[i], "index": i}
+
+
 class SplitDataModule(LightningDataModule):
     """Holds `self.datasets[split]`; subclasses fill it in `setup` and may supply a collator."""
 
@@ -31,6 +44,8 @@ class SplitDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.labels: list[str] | None = None
         self.datasets: dict[str, Dataset] = {}
+        # set by a task that looks samples up by position (the distillation teacher cache): batches get `index`
+        self.with_index = False
 
     @property
     def num_classes(self) -> int:
@@ -45,7 +60,7 @@ class SplitDataModule(LightningDataModule):
         if split not in self.datasets:
             raise TunelabError(f"no {split} split (give data.{split}_file / a {split}/ folder, or a non-zero "
                                f"data.{split}_fraction)")
-        dataset = self.datasets[split]
+        dataset = IndexedDataset(self.datasets[split]) if self.with_index else self.datasets[split]
         return DataLoader(
             dataset,
             batch_size=self.batch_size if shuffle else self.eval_batch_size,

@@ -75,10 +75,11 @@ class ImageFolderDataModule(SplitDataModule):
     @property
     def data_config(self) -> dict[str, Any]:
         """timm's resolved data config (input size, mean, std, interpolation, crop) for the model."""
-        pretrained_cfg = {}
+        pretrained_cfg = {"input_size": (3, 224, 224), "mean": timm.data.IMAGENET_DEFAULT_MEAN,
+                          "std": timm.data.IMAGENET_DEFAULT_STD}
         if self.model_name:
             cfg = timm.models.get_pretrained_cfg(self.model_name)
-            pretrained_cfg = cfg.to_dict() if cfg is not None else {}
+            pretrained_cfg = cfg.to_dict() if cfg is not None else pretrained_cfg
         config = timm.data.resolve_data_config(pretrained_cfg=pretrained_cfg)
         if self.image_size:
             config["input_size"] = (3, self.image_size, self.image_size)

@@ -25,6 +25,14 @@ from transformers import (
 from tunelab.errors import TunelabError
 
 HEADS = {"classifier": AutoModelForSequenceClassification, "masked_lm": AutoModelForMaskedLM}
+IGNORE_INDEX = -100
+
+
+def masked_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The token ids to predict, one per row of the sparse MLM logits (-100 on `mlm_positions` padding)."""
+    labels = batch["mlm_labels"]
+    positions = batch.get("mlm_positions")
+    return labels[labels != IGNORE_INDEX] if positions is None else labels.gather(1, positions).flatten()
 
 
 @dataclass
@@ -75,6 +83,7 @@ class TextModel(nn.Module):
         ignore_mismatched_sizes: bool = False,
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
+        vocab_size: int | None = None,
     ) -> None:
         super().__init__()
         if head not in HEADS:
@@ -92,8 +101,9 @@ class TextModel(nn.Module):
         else:
             if tokenizer is None:
                 raise TunelabError("a from-scratch text model needs a tokenizer to size its vocabulary")
+            # vocab_size: more embedding rows than tokens (e.g. BERT's 30522, or a multiple of 64) if asked
             config = AutoConfig.for_model(
-                arch, vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
+                arch, vocab_size=vocab_size or len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
                 num_attention_heads=num_heads, intermediate_size=intermediate_size,
                 max_position_embeddings=max_position_embeddings, hidden_dropout_prob=dropout,
                 attention_probs_dropout_prob=dropout, pad_token_id=tokenizer.pad_token_id, **kwargs,
@@ -104,6 +114,9 @@ class TextModel(nn.Module):
         if gradient_checkpointing:
             self.net.gradient_checkpointing_enable()
         self._features: torch.Tensor | None = None
+        # masked LM: when true (and the batch has `mlm_labels`), `forward` returns logits for the predicted
+        # positions only, rows in `masked_targets` order; the MLM task turns it on
+        self.sparse_mlm = False
         if head == "classifier":
             self.classifier.register_forward_pre_hook(self._keep_features)
 
@@ -136,6 +149,42 @@ class TextModel(nn.Module):
         raise TunelabError(f"{type(self.net).__name__} has no classifier module named classifier/score")
 
     @property
+    def mlm_head(self) -> nn.Module:
+        """The masked-LM head: the one module besides the encoder (and dropout) that holds the output
+        embeddings, e.g. BERT's `cls` or RoBERTa's `lm_head`. It maps hidden states to vocabulary logits
+        position by position, so it can run on the masked positions alone."""
+        decoder = self.net.get_output_embeddings()
+        others = [(name, m) for name, m in self.net.named_children()
+                  if m is not self.net.base_model and not isinstance(m, nn.Dropout)]
+        if decoder is not None and len(others) == 1 and any(m is decoder for m in others[0][1].modules()):
+            return others[0][1]
+        names = [name for name, _ in others]
+        raise TunelabError(
+            f"{type(self.net).__name__}: cannot tell which of its modules {names} form the masked-LM head (expected "
+            "one module holding the output embeddings next to the encoder); set task.sparse_head=false to compute "
+            "the full-vocabulary logits instead"
+        )
+
+    def masked_lm_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vocabulary logits for the predicted positions only (rows in `masked_targets` order), and the hidden
+        states the head saw; never the batch × length × vocabulary tensor.
+
+        Runs the encoder, gathers the hidden states where `mlm_labels` is not -100 (or at `mlm_positions`,
+        batch × k indices whose extra entries carry label -100: static shapes for torch.compile) and applies
+        the model's own head to those rows.
+        """
+        mask = batch.get("attention_mask")
+        if mask is not None and not torch.compiler.is_compiling() and bool(mask.all()):
+            mask = None  # full packed blocks: SDPA's fastest kernels
+        hidden = self.net.base_model(input_ids=batch["input_ids"], attention_mask=mask)[0]
+        positions = batch.get("mlm_positions")
+        if positions is None:
+            rows = hidden[batch["mlm_labels"] != IGNORE_INDEX]
+        else:
+            rows = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])).flatten(0, 1)
+        return self.mlm_head(rows.unsqueeze(0)).squeeze(0), rows
+
+    @property
     def feature_size(self) -> int:
         return int(self.net.config.hidden_size)
 
@@ -145,13 +194,16 @@ class TextModel(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], output_hidden_states: bool = False,
                 output_attentions: bool = False) -> Output:
+        if self.sparse_mlm and "mlm_labels" in batch and not (output_hidden_states or output_attentions):
+            return Output(*self.masked_lm_logits(batch))
         out = self.net(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                        output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         features, self._features = self._features, None
         return Output(out.logits, features, out.hidden_states if output_hidden_states else None,
                       out.attentions if output_attentions else None)
 
-    def export(self, directory: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+    def export(self, directory: str | Path, tokenizer: PreTrainedTokenizerBase | None = None,
+               data_config: dict | None = None) -> None:
         """Write the model (and tokenizer) in Hugging Face format, loadable without tunelab."""
         self.net.save_pretrained(directory, safe_serialization=True)
         if tokenizer is not None:

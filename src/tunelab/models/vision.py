@@ -17,6 +17,21 @@ from tunelab.errors import TunelabError
 from tunelab.models.text import Output
 
 
+def read_exported_config(directory: str | Path, role: str = "model") -> dict:
+    """The config.json of an exported timm folder, checked for what loading it needs."""
+    directory = Path(directory)
+    path = directory / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise TunelabError(f"{role}: cannot read {path} ({e}; expected a timm config.json)") from None
+    if not isinstance(config, dict) or "architecture" not in config or "num_classes" not in config:
+        raise TunelabError(f"{role}: {path} is not a timm model config (expected 'architecture' and 'num_classes')")
+    if not (directory / "model.safetensors").is_file():
+        raise TunelabError(f"{role}: {directory} has no model.safetensors (expected the weights next to config.json)")
+    return config
+
+
 class ImageModel(nn.Module):
     """A timm model whose features are its pre-logits and whose head is its own classifier."""
 
@@ -33,6 +48,7 @@ class ImageModel(nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float | None = None,
         gradient_checkpointing: bool = False,
+        keep_classifier: bool = False,
     ) -> None:
         super().__init__()
         del tokenizer
@@ -47,7 +63,10 @@ class ImageModel(nn.Module):
             path = Path(pretrained_file).expanduser()
             if not path.is_file():
                 raise TunelabError(f"model.pretrained_file: file not found: {path} (expected .safetensors or .pth)")
-            kwargs = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path.resolve())}}
+            overlay = {"file": str(path.resolve())}
+            if keep_classifier:  # timm drops a classifier whose size differs from the pretrained config's
+                overlay["num_classes"] = len(labels)
+            kwargs = {"pretrained": True, "pretrained_cfg_overlay": overlay}
         if drop_path_rate is not None:
             kwargs["drop_path_rate"] = drop_path_rate
         self.name, self.labels = name, list(labels)
@@ -57,6 +76,14 @@ class ImageModel(nn.Module):
             raise TunelabError(f"model.pretrained_file: weights do not fit {name} ({str(e).splitlines()[0]})") from None
         if gradient_checkpointing:
             self.net.set_grad_checkpointing(True)
+
+    @classmethod
+    def from_exported(cls, directory: str | Path, role: str = "model") -> ImageModel:
+        """Load a folder written by `export` (timm config.json + model.safetensors), classifier included."""
+        config = read_exported_config(directory, role)
+        labels = config.get("label_names") or [str(i) for i in range(int(config["num_classes"]))]
+        return cls("classifier", labels, name=config["architecture"],
+                   pretrained_file=str(Path(directory) / "model.safetensors"), keep_classifier=True)
 
     @property
     def feature_size(self) -> int:
@@ -70,14 +97,19 @@ class ImageModel(nn.Module):
         features = self.net.forward_head(self.net.forward_features(batch["pixel_values"]), pre_logits=True)
         return Output(self.classifier(features), features)
 
-    def export(self, directory: str | Path, tokenizer: object | None = None) -> None:
-        """Write timm's config.json and model.safetensors, as `timm.create_model` expects them."""
+    def export(self, directory: str | Path, tokenizer: object | None = None, data_config: dict | None = None) -> None:
+        """Write timm's config.json and model.safetensors: `timm.create_model("local-dir:<dir>")` loads them.
+
+        `data_config` (input size, mean, std, ...) is what the model was trained with; it goes into the
+        exported pretrained_cfg so `timm.data.resolve_data_config(model=...)` reproduces the preprocessing.
+        """
         from timm.models import save_for_hf
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        if data_config:
+            self.net.pretrained_cfg = {**self.net.pretrained_cfg, **data_config, "num_classes": len(self.labels)}
         save_for_hf(self.net, directory, model_config={"label_names": self.labels}, safe_serialization=True)
-        # save_for_hf writes the pretrained_cfg; keep the architecture name explicit for loaders
         config = json.loads((directory / "config.json").read_text())
         config.setdefault("architecture", self.name)
         (directory / "config.json").write_text(json.dumps(config, indent=2))

@@ -19,14 +19,15 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight", "bn.weight", "ln")
 
 
-def param_groups(named: Iterable[tuple[str, nn.Parameter]], lr: float) -> list[dict]:
+def param_groups(named: Iterable[tuple[str, nn.Parameter]], lr: float, name: str) -> list[dict]:
     """Split trainable parameters into decayed and not-decayed (biases, norms: decay would shrink them)."""
     decay, no_decay = [], []
     for name, p in named:
         if not p.requires_grad:
             continue
         (no_decay if p.ndim <= 1 or any(k in name for k in NO_DECAY) else decay).append(p)
-    groups = [{"params": decay, "lr": lr}, {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+    groups = [{"params": decay, "lr": lr, "name": name},
+              {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": f"{name}_no_decay"}]
     return [g for g in groups if g["params"]]
 
 
@@ -55,16 +56,16 @@ class Task(LightningModule):
         self.backbone_lr_mult = backbone_lr_mult
         self.freeze_backbone = freeze_backbone
 
-    def lr_groups(self) -> list[tuple[nn.Module, float, Callable[[str], bool]]]:
-        """(module, lr multiplier, keep(name)) triples; override to give parts their own rate."""
-        return [(self, 1.0, lambda _: True)]
+    def lr_groups(self) -> list[tuple[str, nn.Module, float, Callable[[str], bool]]]:
+        """(group name, module, lr multiplier, keep(param name)); override to give parts their own rate."""
+        return [("all", self, 1.0, lambda _: True)]
 
     def configure_optimizers(self) -> Any:
         base_lr = self.optimizer_factory.keywords["lr"]  # a Hydra partial: optimizer.lr is required
         groups: list[dict] = []
-        for module, mult, keep in self.lr_groups():
+        for name, module, mult, keep in self.lr_groups():
             named = ((n, p) for n, p in module.named_parameters() if keep(n))
-            groups += param_groups(named, base_lr * mult)
+            groups += param_groups(named, base_lr * mult, name)
         optimizer = self.optimizer_factory(params=groups)
         if self.scheduler_factory is None:
             return optimizer

@@ -42,6 +42,7 @@ class FinetuneTask(Task):
         super().__init__(optimizer, scheduler, backbone_lr_mult, freeze_backbone)
         self.labels = list(datamodule.labels)
         self.tokenizer = getattr(datamodule, "tokenizer", None)
+        self.data_config = getattr(datamodule, "data_config", None)  # image preprocessing, for the export
         self.model = model(head="classifier", labels=self.labels, tokenizer=self.tokenizer)
         self.label_smoothing = label_smoothing
         k = len(self.labels)
@@ -56,8 +57,8 @@ class FinetuneTask(Task):
                 p.requires_grad_(not self._is_backbone(name))
 
     def lr_groups(self) -> list:
-        return [(self.model, self.backbone_lr_mult, self._is_backbone),
-                (self.model, 1.0, lambda n: not self._is_backbone(n))]
+        return [("backbone", self.model, self.backbone_lr_mult, self._is_backbone),
+                ("head", self.model, 1.0, lambda n: not self._is_backbone(n))]
 
     def on_train_epoch_start(self) -> None:
         if self.freeze_backbone:  # a frozen backbone keeps its batch-norm statistics and no dropout
@@ -104,4 +105,4 @@ class FinetuneTask(Task):
 
     def export(self, directory: str) -> None:
         """The trained network in its ecosystem's format: see `TextModel.export` / `ImageModel.export`."""
-        self.model.export(directory, self.tokenizer)
+        self.model.export(directory, self.tokenizer, self.data_config)

@@ -22,10 +22,10 @@ NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight", "bn.
 def param_groups(named: Iterable[tuple[str, nn.Parameter]], lr: float, name: str) -> list[dict]:
     """Split trainable parameters into decayed and not-decayed (biases, norms: decay would shrink them)."""
     decay, no_decay = [], []
-    for name, p in named:
+    for param_name, p in named:
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or any(k in name for k in NO_DECAY) else decay).append(p)
+        (no_decay if p.ndim <= 1 or any(k in param_name for k in NO_DECAY) else decay).append(p)
     groups = [{"params": decay, "lr": lr, "name": name},
               {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": f"{name}_no_decay"}]
     return [g for g in groups if g["params"]]

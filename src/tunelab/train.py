@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -46,6 +47,8 @@ def run(cfg: DictConfig) -> float | None:
         check_checkpoint_fits(ckpt_path, task)
     callbacks = [build(c) for c in cfg.get("callbacks", {}).values() if c is not None]
     loggers = [build(c) for c in cfg.get("logger", {}).values() if c is not None]
+    if not loggers:  # logger=none: drop the callbacks that only exist to log
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     log_hparams(loggers, cfg)
 

@@ -2,18 +2,21 @@
 
 Records are read and validated by `readers`, stored with Hugging Face `datasets` (Arrow on disk,
 memory-mapped, cached by file content) and tokenized once with a cached `map`. Labelled data
-(`label_field` set) gives `labels`; unlabelled data (`label_field: null`) feeds MLM.
+(`label_field` set) gives `labels`; unlabelled data (`label_field: null`) feeds MLM, packed into
+full blocks (`pack`, see `packing`) and masked by a `collator` (see `collators`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import datasets
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
+from tunelab.data import packing
 from tunelab.data.base import SplitDataModule
 from tunelab.data.readers import check_file, file_stamp, read_records
 from tunelab.data.tokenizer import cached_wordpiece, load_tokenizer
@@ -37,6 +40,25 @@ def _tokenize(batch: dict, tokenizer: PreTrainedTokenizerBase, max_length: int) 
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
+def _tokenize_words(batch: dict, tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict:
+    """`_tokenize` plus `word_starts`, for whole-word masking with tokenizers that have no `##` pieces."""
+    enc = tokenizer(batch["text"], truncation=True, max_length=max_length, return_token_type_ids=False)
+    starts = [packing.word_starts(enc[i], len(ids)) for i, ids in enumerate(enc["input_ids"])]
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "word_starts": starts}
+
+
+def per_class_subset(ds: datasets.Dataset, per_class: int, seed: int) -> datasets.Dataset:
+    """At most `per_class` records of each label, drawn with `seed` (few-shot subsets)."""
+    shuffled = ds.shuffle(seed=seed)
+    seen: Counter[str] = Counter()
+    keep = []
+    for i, label in enumerate(shuffled["label"]):
+        if seen[label] < per_class:
+            seen[label] += 1
+            keep.append(i)
+    return shuffled.select(keep)
+
+
 class TextDataModule(SplitDataModule):
     """Train/val/test text from separate files, or a seeded split of the training file."""
 
@@ -57,6 +79,7 @@ class TextDataModule(SplitDataModule):
         test_fraction: float = 0.1,
         seed: int = 0,
         limit_train: int | None = None,
+        limit_train_per_class: int | None = None,
         tokenizer: str | None = None,
         trust_remote_code: bool = False,
         vocab_size: int = 8000,
@@ -66,6 +89,9 @@ class TextDataModule(SplitDataModule):
         num_workers: int = 0,
         encoding_errors: str = "strict",
         cache_dir: str = ".cache",
+        pack: bool = False,
+        collator: Callable[..., Any] | None = None,
+        num_proc: int | None = None,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers)
         if encoding_errors not in ("strict", "replace", "ignore"):
@@ -77,6 +103,9 @@ class TextDataModule(SplitDataModule):
         self.domain_field = domain_field
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
         self.limit_train = limit_train
+        self.limit_train_per_class = limit_train_per_class
+        self.pack, self.collator_factory, self.num_proc = pack, collator, num_proc
+        self.masking: Any = None
         self.tokenizer_source, self.trust_remote_code, self.vocab_size = tokenizer, trust_remote_code, vocab_size
         self.max_length, self.encoding_errors = max_length, encoding_errors
         self.cache_dir = Path(cache_dir)
@@ -92,12 +121,25 @@ class TextDataModule(SplitDataModule):
         """Idempotent: train.py calls it before the task exists, Lightning calls it again."""
         if self.datasets:
             return
+        self._check_options()
         raw = self._read_splits()
         self.tokenizer = self._tokenizer(raw["train"])
+        if self.collator_factory is not None:  # built now so its settings fail before any tokenizing
+            self.masking = self.collator_factory(tokenizer=self.tokenizer)
         for split, ds in raw.items():
             if self.labelled:
                 ds = self._encode_labels(ds, split)
-            self.datasets[split] = self._tokenized(ds)
+            self.datasets[split] = self._packed(ds, split) if self.pack else self._tokenized(ds)
+
+    def _check_options(self) -> None:
+        """Checked in `setup` (outside Hydra's instantiate, which would wrap the message)."""
+        per_class = self.limit_train_per_class
+        if per_class is not None and (not self.labelled or per_class < 1):
+            raise TunelabError(f"data.limit_train_per_class={per_class} (expected a positive count of records per "
+                               "label, with labelled data)")
+        if self.pack and self.labelled:
+            raise TunelabError(f"data.pack=true joins documents into blocks, which mixes labels (expected "
+                               f"data.label_field=null for unlabelled text, got {self.label_field!r})")
 
     def _read(self, split: str) -> datasets.Dataset:
         path = check_file(self.files[split], f"data.{split}_file")
@@ -132,6 +174,8 @@ class TextDataModule(SplitDataModule):
                 raw["train"], raw[split] = parts["train"], parts["test"]
         if self.limit_train:
             raw["train"] = raw["train"].shuffle(seed=self.seed).select(range(min(self.limit_train, len(raw["train"]))))
+        if self.limit_train_per_class:
+            raw["train"] = per_class_subset(raw["train"], self.limit_train_per_class, self.seed)
         for split, ds in raw.items():
             if len(ds) == 0:
                 raise TunelabError(f"the {split} split is empty (check data.{split}_file or data.{split}_fraction)")
@@ -160,14 +204,34 @@ class TextDataModule(SplitDataModule):
             )
         return ds.map(lambda r: {"labels": index[r["label"]]}, remove_columns=["label"])
 
+    @property
+    def _needs_word_ids(self) -> bool:
+        return bool(getattr(self.masking, "needs_word_ids", False))
+
     def _tokenized(self, ds: datasets.Dataset) -> datasets.Dataset:
         return ds.map(
-            _tokenize,
+            _tokenize_words if self._needs_word_ids else _tokenize,
             batched=True,
+            num_proc=self.num_proc,
             fn_kwargs={"tokenizer": self.tokenizer, "max_length": self.max_length},
             remove_columns=["text", "line"],
         )
 
+    def _packed(self, ds: datasets.Dataset, split: str) -> datasets.Dataset:
+        source = (f"data.{split}_file: {self.files[split]}" if self.files[split]
+                  else f"the {split} split of data.train_file: {self.files['train']}")
+        return packing.pack(ds, self.tokenizer, self.max_length, str(self.cache_dir / "datasets"), source,
+                            num_proc=self.num_proc, with_word_starts=self._needs_word_ids)
+
     # ----------------------------------------------------------------- loaders
     def collate_fn(self) -> Any:
+        if self.masking is not None:
+            return self.masking
         return DataCollatorWithPadding(self.tokenizer, return_tensors="pt")
+
+    def loader(self, split: str, shuffle: bool) -> Any:
+        """Evaluation splits get masks seeded by content, so their loss is comparable across epochs."""
+        loader = super().loader(split, shuffle)
+        if self.masking is not None and split != "train":
+            loader.collate_fn = self.collator_factory(tokenizer=self.tokenizer, seed=self.seed)
+        return loader

@@ -79,11 +79,14 @@ class ImageModel(nn.Module):
 
     @classmethod
     def from_exported(cls, directory: str | Path, role: str = "model") -> ImageModel:
-        """Load a folder written by `export` (timm config.json + model.safetensors), classifier included."""
+        """Load a folder written by `export` (timm config.json + model.safetensors), classifier included,
+        with the preprocessing it was trained with (its exported pretrained_cfg: input size, mean, std)."""
         config = read_exported_config(directory, role)
         labels = config.get("label_names") or [str(i) for i in range(int(config["num_classes"]))]
-        return cls("classifier", labels, name=config["architecture"],
-                   pretrained_file=str(Path(directory) / "model.safetensors"), keep_classifier=True)
+        model = cls("classifier", labels, name=config["architecture"],
+                    pretrained_file=str(Path(directory) / "model.safetensors"), keep_classifier=True)
+        model.net.pretrained_cfg = {**model.net.pretrained_cfg, **config.get("pretrained_cfg", {})}
+        return model
 
     @property
     def feature_size(self) -> int:

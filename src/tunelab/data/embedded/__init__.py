@@ -6,9 +6,11 @@ being deterministic, every generation of a given VERSION is byte-identical.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +18,7 @@ from pathlib import Path
 from tunelab.data.embedded import digits, reviews
 
 MARKER = ".complete"
+ABANDONED_AFTER_S = 3600
 
 _GENERATORS: dict[str, tuple[Callable[[Path], None], str]] = {
     "reviews": (reviews.generate, reviews.VERSION),
@@ -40,7 +43,9 @@ def ensure(name: str, root: str | Path) -> Path:
     if _is_complete(target, version):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_abandoned(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the installed dataset should be readable like its siblings
     installed = False
     try:
         generate(tmp)
@@ -50,6 +55,15 @@ def ensure(name: str, root: str | Path) -> Path:
         if not installed:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _sweep_abandoned(target: Path) -> None:
+    """Delete temporary folders of killed generations (those take seconds, so an hour-old one is dead)."""
+    cutoff = time.time() - ABANDONED_AFTER_S
+    for path in target.parent.glob(f".{target.name}.*"):
+        with contextlib.suppress(OSError):
+            if path.suffix in (".tmp", ".old") and path.stat().st_mtime < cutoff:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _is_complete(folder: Path, version: str) -> bool:

@@ -4,9 +4,10 @@ Four domains have their own products, aspects and sentiment words and share gene
 and neutral filler, so a bag-of-words model transfers imperfectly across domains (domain adaptation)
 and the unlabelled text ties domain words to domain nouns (masked-language-model pretraining).
 
-The label is always the polarity of the review's last clause. Negation ("not gripping"), contrast
-("..., but ...") and mixed reviews whose verdict overrides the body make word counts alone a weak
-cue, while a model that reads word order can recover the rule.
+The label is always the polarity of the review's last clause (2% of labels are flipped as noise).
+Negation ("not gripping"), contrast ("..., but ...") and mixed reviews whose verdict overrides the body
+cap a bag-of-words classifier at about 0.85 test accuracy, while a model that reads word order can
+learn the rule and approach the 0.98 that the noise allows.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ SPLIT_SIZES = {"train": 1600, "val": 200, "test": 400}
 UNLABELLED_SIZE = 6000
 NOISE = 0.02  # fraction of labelled reviews whose label is flipped, like real annotation noise
 MIN_WORDS, MAX_WORDS = 20, 60
+MAX_SENTENCES = 5
 
-# How reviews are built; tuned so a bag-of-words classifier lands well short of perfect.
+# How reviews are built; tuned together so that a bag-of-words classifier misreads about one in seven.
 KIND_WEIGHTS = {"plain": 0.6, "contrast": 0.28, "mixed": 0.12}
 NEGATION = 0.12  # chance a sentiment phrase is written as a negated opposite
 DOMAIN_WORDS = 0.6  # chance an adjective comes from the domain rather than the shared pool
@@ -257,8 +259,7 @@ def _clause(d: _Dice, dom: Domain, p: int) -> str:
 def _contrast(d: _Dice, dom: Domain, p: int) -> str:
     """Two opposed clauses; the one after the turn ("but", "however") carries polarity p."""
     first, second = _clause(d, dom, 1 - p), _clause(d, dom, p)
-    template = d.pick(("{a}, but {b}.", "{a}; however, {b}.", "{a}. however, {b}.", "although {a}, {b}.",
-                       "{a}, but overall {b}."))
+    template = d.pick(("{a}, but {b}.", "{a}; however, {b}.", "although {a}, {b}.", "{a}, but overall {b}."))
     return template.format(a=first, b=second)
 
 
@@ -267,21 +268,17 @@ def _verdict(d: _Dice, dom: Domain, p: int, markers: Sequence[str] = VERDICT_MAR
     body = d.pick((
         lambda: f"it is {_adjective(d, dom, p)}",
         lambda: f"this {d.pick(dom.products)} is {_adjective(d, dom, p)}",
-        lambda: f"i would {_recommend(d, p)}",
+        lambda: f"i would {_polar(d, RECOMMENDATIONS, p, verb=True)}",
         lambda: f"i am {_polar(d, FEELINGS, p)} with it",
     ))()
     return f"{d.pick(markers)} {body}."
 
 
-def _recommend(d: _Dice, p: int) -> str:
-    if d.chance(NEGATION):
-        return f"{d.pick(NEGATORS)} {d.pick(RECOMMENDATIONS[1 - p])}"
-    return d.pick(RECOMMENDATIONS[p])
-
-
-def _filler(d: _Dice, dom: Domain) -> str:
-    """A sentence with no opinion in it (shipping, price, gifts, how the product is used)."""
-    template = d.pick(dom.fillers) if d.chance(0.5) else d.pick(SHARED_FILLERS)
+def _filler(d: _Dice, dom: Domain, used: set[str]) -> str:
+    """A sentence with no opinion in it (shipping, price, gifts, use), from a template not yet `used`."""
+    while (template := d.pick(dom.fillers) if d.chance(0.5) else d.pick(SHARED_FILLERS)) in used:
+        pass
+    used.add(template)
     slots = {key: d.pick(pool) for key, pool in SLOTS.items() if "{" + key + "}" in template}
     return template.format(product=d.pick(dom.products), **slots)
 
@@ -306,17 +303,20 @@ def _opinions(d: _Dice, dom: Domain, p: int) -> list[str]:
 
 
 def review(d: _Dice, dom: Domain, p: int) -> str:
-    """A review of 20-60 words whose final clause has polarity p, padded with neutral filler."""
+    """A review of 2-5 sentences and 20-60 words whose final clause has polarity p, with neutral filler."""
     dom = replace(dom, products=(d.pick(dom.products),))  # one product per review
     while True:
-        sentences = _opinions(d, dom, p)
-        for _ in range(d.randint(0, 2)):
-            sentences.insert(d.randint(0, len(sentences) - 1), _filler(d, dom))
-        while len(" ".join(sentences).split()) < MIN_WORDS:
-            sentences.insert(d.randint(0, len(sentences) - 1), _filler(d, dom))
-        text = " ".join(sentences)
-        if len(text.split()) <= MAX_WORDS and 2 <= len(sentences) <= 6:
-            return text
+        sentences, used = _opinions(d, dom, p), set()
+        fillers = d.randint(0, 2)
+        while len(sentences) < MAX_SENTENCES and (fillers > 0 or _words(sentences) < MIN_WORDS):
+            sentences.insert(d.randint(0, len(sentences) - 1), _filler(d, dom, used))
+            fillers -= 1
+        if MIN_WORDS <= _words(sentences) <= MAX_WORDS and len(set(sentences)) == len(sentences):
+            return " ".join(sentences)
+
+
+def _words(sentences: list[str]) -> int:
+    return sum(s.count(" ") + 1 for s in sentences)
 
 
 def _labelled(d: _Dice, dom: Domain, size: int, seen: set[str]) -> list[dict[str, str]]:

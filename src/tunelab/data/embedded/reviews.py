@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import numpy as np
 
-VERSION = "1"
+VERSION = "2"
 SEED = 2007
 DOMAINS = ("books", "dvd", "electronics", "kitchen")
 LABELS = ("negative", "positive")  # polarity index 0 / 1

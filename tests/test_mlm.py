@@ -158,13 +158,15 @@ def test_whole_word_masking_rate(wordpiece) -> None:
 
 
 # ----------------------------------------------------------------------------- packing
-def test_packing_keeps_the_whole_stream_in_full_blocks(wordpiece, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("num_proc", [None, 2])
+def test_packing_keeps_the_whole_stream_in_full_blocks(wordpiece, tmp_path: Path, monkeypatch,
+                                                       num_proc: int | None) -> None:
     import datasets
 
     monkeypatch.setattr(packing, "READ_ROWS", 7)  # many chunks: the remainder must carry across all of them
     texts = corpus(100, seed=3)
     ds = datasets.Dataset.from_dict({"text": texts})
-    blocks = packing.pack(ds, wordpiece, 32, str(tmp_path), "test corpus")
+    blocks = packing.pack(ds, wordpiece, 32, str(tmp_path), "test corpus", num_proc=num_proc)
     cls, sep = wordpiece.cls_token_id, wordpiece.sep_token_id
     stream = [t for text in texts for t in [*wordpiece(text, add_special_tokens=False)["input_ids"], sep]]
     assert len(blocks) == len(stream) // 30

@@ -69,9 +69,12 @@ class MLMTask(Task):
 
     def _step(self, batch: dict[str, torch.Tensor], split: str) -> tuple[torch.Tensor, torch.Tensor, int]:
         logits, targets = self(batch)
+        n = int((targets != IGNORE_INDEX).sum())
+        if n == 0:  # a batch of a few short documents can draw no mask: a zero loss, not NaN
+            return logits.sum() * 0.0, logits, 0
         loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
         self.acc[f"{split}_acc"].update(logits, targets)
-        return loss, logits, int((targets != IGNORE_INDEX).sum())
+        return loss, logits, n
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _, n = self._step(batch, "train")
@@ -81,18 +84,21 @@ class MLMTask(Task):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, logits, n = self._step(batch, "val")
-        self.nll["val_nll"].update(loss, weight=n)
+        if n:
+            self.nll["val_nll"].update(loss, weight=n)
         if batch_idx == 0:
             self._keep_examples(batch, logits)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, _, n = self._step(batch, "test")
-        self.nll["test_nll"].update(loss, weight=n)
+        if n:
+            self.nll["test_nll"].update(loss, weight=n)
 
     def _log_split(self, split: str) -> torch.Tensor:
         """Token-weighted loss over the whole split, its perplexity and the masked-token accuracy."""
         loss = self.nll[f"{split}_nll"].compute()
-        self.log_dict({f"{split}/loss": loss, f"{split}/perplexity": loss.exp(), f"{split}/acc": self.acc[f"{split}_acc"].compute()},
+        accuracy = self.acc[f"{split}_acc"].compute()
+        self.log_dict({f"{split}/loss": loss, f"{split}/perplexity": loss.exp(), f"{split}/acc": accuracy},
                       prog_bar=split == "val", sync_dist=True)
         self.nll[f"{split}_nll"].reset()
         self.acc[f"{split}_acc"].reset()

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from lightning import LightningDataModule
 from torch import nn
-from torchmetrics import MaxMetric
 from torchmetrics.classification import BinaryAccuracy
 
 from tunelab.data.domain import DOMAINS
@@ -115,7 +114,6 @@ class DANNTask(Task):
             for stage in STAGES for domain in DOMAINS
         })
         self.domain_acc = nn.ModuleDict({f"{stage}_domain": BinaryAccuracy() for stage in STAGES})
-        self.target_acc_best = MaxMetric()
         self._embedded: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor | None]] = []
 
     def _check_foldable(self, width: int) -> None:
@@ -191,7 +189,7 @@ class DANNTask(Task):
             self.domain_acc[f"{stage}_domain"].update(domain_logits, torch.full_like(labels, dataloader_idx))
         return features
 
-    def _eval_epoch_end(self, stage: str) -> dict[str, torch.Tensor]:
+    def _eval_epoch_end(self, stage: str) -> None:
         results = {}
         for domain in DOMAINS:
             metrics = self.metrics[f"{stage}_{domain}"]
@@ -203,17 +201,12 @@ class DANNTask(Task):
             results[f"{stage}/domain_acc"] = accuracy.compute()
         accuracy.reset()
         self.log_dict(results, prog_bar=stage == "val", sync_dist=True)
-        return results
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx, "val")
 
     def on_validation_epoch_end(self) -> None:
-        results = self._eval_epoch_end("val")
-        if "val/target/acc" in results and not self.trainer.sanity_checking:
-            self.target_acc_best(results["val/target/acc"])
-            # the best target accuracy so far: the default objective of sweeps (`optimized_metric`)
-            self.log("val/acc_best", self.target_acc_best.compute(), sync_dist=True)
+        self._eval_epoch_end("val")
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         features = self._eval_step(batch, dataloader_idx, "test")

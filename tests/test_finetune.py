@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -51,6 +52,9 @@ def test_tensorboard_has_scalars_hparams_and_confusion_matrix(text_run: Path) ->
     assert "val/confusion_matrix" in tags["images"]
     plugins = acc.PluginTagToContent("hparams")
     assert "_hparams_/session_start_info" in plugins
+    assert b"test/acc" in plugins["_hparams_/experiment"]  # the HPARAMS row has its metric columns ...
+    for tag in ("val/acc_best", "test/acc"):  # ... without NaN placeholders at the start of the curves
+        assert all(np.isfinite(e.value) for e in acc.Scalars(tag)), tag
 
 
 def test_text_export_loads_in_plain_transformers_with_same_logits(text_run: Path) -> None:

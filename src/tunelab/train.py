@@ -14,8 +14,10 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.fabric.utilities.logger import _flatten_dict
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from tunelab import distributed
@@ -113,10 +115,20 @@ def log_hparams(loggers: list, cfg: DictConfig) -> None:
     params = {key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
               for key, value in cfg.items() if key not in ("paths", "hydra")}
     for logger in loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams(params, metrics={m: float("nan") for m in cfg.get("hparams_metrics", [])})
-        else:
-            logger.log_hyperparams(params)
+        logger.log_hyperparams(params)
+        if isinstance(logger, TensorBoardLogger) and cfg.get("hparams_metrics"):
+            register_hparams_metrics(logger, params, list(cfg.hparams_metrics))
+
+
+@rank_zero_only
+def register_hparams_metrics(logger: TensorBoardLogger, params: dict, metrics: list[str]) -> None:
+    """Name the HPARAMS columns without writing placeholder scalars: those would start every curve at NaN."""
+    from torch.utils.tensorboard.summary import hparams
+
+    flat = logger._sanitize_params(_flatten_dict(params))  # the same flattening log_hyperparams applies
+    writer = logger.experiment._get_file_writer()
+    for summary in hparams(flat, dict.fromkeys(metrics, 0.0)):
+        writer.add_summary(summary)
 
 
 def metric_value(metrics: dict, name: str | None) -> float | None:

@@ -24,7 +24,6 @@ FAST = [
     "trainer.limit_test_batches=2",
     "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false",
-    "callbacks.progress_bar=null",
     "callbacks.throughput.window_size=2",
 ]
 

@@ -16,7 +16,7 @@ import torch
 from conftest import ROOT, run_cli
 
 TINY = ["data=text_files", "model.hidden_size=32", "model.intermediate_size=64", "trainer.max_epochs=1",
-        "trainer.enable_progress_bar=false", "callbacks.progress_bar=null"]
+        "trainer.enable_progress_bar=false"]
 
 
 @pytest.fixture

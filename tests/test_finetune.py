@@ -147,7 +147,7 @@ def test_sigkill_loses_only_steps_since_last_checkpoint(tmp_path: Path) -> None:
     from conftest import ROOT
 
     args = ["model.hidden_size=64", "trainer.max_epochs=3", "trainer.enable_progress_bar=false",
-            "callbacks.progress_bar=null", "callbacks.model_checkpoint.every_n_train_steps=20"]
+            "callbacks.model_checkpoint.every_n_train_steps=20"]
     env = {**os.environ, "TUNELAB_LOG_DIR": str(tmp_path / "logs")}
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

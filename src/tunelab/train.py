@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.fabric.utilities.logger import _flatten_dict
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -51,6 +51,8 @@ def run(cfg: DictConfig) -> float | None:
     loggers = [build(c) for c in cfg.get("logger", {}).values() if c is not None]
     if not loggers:  # logger=none: drop the callbacks that only exist to log
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    if not cfg.trainer.get("enable_progress_bar", True):  # the switch alone turns the bar off, no clash
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     log_hparams(loggers, cfg)
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +49,40 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) 
     full_env = {**os.environ, "TUNELAB_LOG_DIR": str(cwd / "logs"), "HYDRA_FULL_ERROR": "0", **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def check_one_ddp_run(logs: Path, task: str) -> dict:
+    """A finished `trainer=ddp_cpu` run: one folder both ranks wrote into, artifacts from rank 0 only."""
+    runs = list((logs / task / "runs").iterdir())
+    assert len(runs) == 1, runs
+    run = runs[0]
+    assert (run / "ddp_rank_1.log").is_file()  # the second rank joined this run's folder
+    assert (run / "model").is_dir() and (logs / task / "latest").resolve() == run
+    pid = run.name.rsplit("_", 1)[1]  # run folders end in the launching (rank-0) process id
+    events = list((run / "tensorboard").glob("events.*"))
+    assert events and all(e.name.split(".")[-2] == pid for e in events), events  # only rank 0 logged
+    return json.loads((run / "metrics.json").read_text())["metrics"]
+
+
+def finished_trials(db: Path) -> list[float]:
+    """Values of the completed trials in an Optuna study database (none while it is being created)."""
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as con:
+        try:
+            return [v for (v,) in con.execute(
+                "select v.value from trial_values v join trials t using (trial_id) where t.state = 'COMPLETE'")]
+        except sqlite3.OperationalError:
+            return []
+
+
+def check_one_trial_search(search: str, task: str, *args: str, cwd: Path) -> float:
+    """`python train.py -m hparams_search=<search>` for one trial: it ran the task and stored its metric."""
+    proc = run_cli("-m", f"hparams_search={search}", "hydra.sweeper.n_trials=1", *args, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [value] = finished_trials(cwd / "logs" / task / "optuna.db")
+    assert (cwd / "logs" / task / "multiruns").is_dir() and math.isfinite(value)
+    return value
 
 
 @pytest.fixture(scope="session")

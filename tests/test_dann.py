@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import FAST, check_one_ddp_run, check_one_trial_search, run_cli
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
@@ -318,3 +319,16 @@ def test_token_noise_on_images_and_bad_probabilities(make_cfg, text_pair, image_
 def test_domains_of_different_image_sizes(make_cfg, image_pair) -> None:
     cfg = make_cfg(*image_args(*image_pair, "data.target.image_size=48"))
     expect_error(cfg, "data.source images are (3, 32, 32)", "data.target images are (3, 48, 48)")
+
+
+def test_dann_under_ddp_cpu(tmp_path: Path, text_pair) -> None:
+    proc = run_cli("trainer=ddp_cpu", *FAST, *text_args(*text_pair, "data.source.batch_size=8", "data.target.batch_size=8"),
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = check_one_ddp_run(tmp_path / "logs", "dann")
+    assert {"test/source/acc", "test/target/acc"} <= set(metrics)
+
+
+def test_dann_optuna_search(tmp_path: Path, text_pair) -> None:
+    value = check_one_trial_search("dann_optuna", "dann", *FAST, *text_args(*text_pair), cwd=tmp_path)
+    assert 0 <= value <= 1

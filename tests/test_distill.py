@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import FAST, check_one_ddp_run, check_one_trial_search, run_cli
 from hydra.utils import instantiate
 from PIL import Image
 from transformers import (
@@ -407,3 +408,17 @@ def test_masked_lm_student_needs_a_masked_lm_teacher(make_cfg, tmp_path: Path, h
     cfg = make_cfg("experiment=reviews_distill_mlm", "data=text_files", f"data.train_file={corpus}",
                    "data.max_length=32", f"teacher.path={hf_teacher}", "optimized_metric=val/perplexity")
     expect_error(cfg, "BertForSequenceClassification, not a masked language model", "python train.py task=mlm")
+
+
+def test_distill_under_ddp_cpu_with_the_cache(tmp_path: Path, text_data: Path, hf_teacher: Path) -> None:
+    proc = run_cli("trainer=ddp_cpu", *FAST, *text_args(text_data, hf_teacher, "task.cache_teacher=true",
+                                                         "task.hidden_weight=1"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = check_one_ddp_run(tmp_path / "logs", "distill")
+    assert 0 <= metrics["test/agreement"] <= 1 and metrics["test/teacher_acc"] > 0
+
+
+def test_distill_optuna_search(tmp_path: Path, text_data: Path, hf_teacher: Path) -> None:
+    value = check_one_trial_search("distill_optuna", "distill", *FAST, *text_args(text_data, hf_teacher),
+                                   cwd=tmp_path)
+    assert 0 <= value <= 1

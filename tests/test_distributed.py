@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_cli
+from conftest import ROOT, check_one_ddp_run, finished_trials, run_cli
 
 TINY = ["data=text_files", "model.hidden_size=32", "model.intermediate_size=64", "trainer.max_epochs=1",
         "trainer.enable_progress_bar=false"]
@@ -30,15 +29,17 @@ def data_file(tmp_path: Path) -> Path:
 def test_ddp_cpu_run_writes_artifacts_once(tmp_path: Path, data_file: Path) -> None:
     proc = run_cli("trainer=ddp_cpu", *TINY, f"data.train_file={data_file}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = list((tmp_path / "logs" / "finetune" / "runs").iterdir())
-    assert len(runs) == 1, runs
-    run = runs[0]
-    assert (run / "ddp_rank_1.log").is_file()  # the second rank joined this run's folder
-    assert json.loads((run / "metrics.json").read_text())["metrics"]["test/acc"] >= 0
+    metrics = check_one_ddp_run(tmp_path / "logs", "finetune")
+    run = (tmp_path / "logs" / "finetune" / "latest").resolve()
     assert (run / "model" / "model.safetensors").is_file()
-    pid = run.name.rsplit("_", 1)[1]  # run folders end in the launching (rank-0) process id
-    events = list((run / "tensorboard").glob("events.*"))
-    assert events and all(e.name.split(".")[-2] == pid for e in events), events  # only rank 0 logged
+
+    # the same checkpoint tested by one process: test metrics were gathered from both ranks, not rank 0's half
+    best = next((run / "checkpoints").glob("epoch*.ckpt"))
+    alone = run_cli(*TINY, f"data.train_file={data_file}", "train=false", f"ckpt_path={best}", cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    single = json.loads(((tmp_path / "logs" / "finetune" / "latest").resolve() / "metrics.json").read_text())
+    for name in ("test/acc", "test/f1"):
+        assert single["metrics"][name] == pytest.approx(metrics[name], abs=1e-6), name
 
 
 def test_multirun_with_ddp_cpu_makes_exactly_two_runs(tmp_path: Path, data_file: Path) -> None:
@@ -72,16 +73,6 @@ def test_resume_ddp_cpu_run_from_last(tmp_path: Path, data_file: Path) -> None:
     assert last["global_step"] == 2 * steps
 
 
-def _finished_trials(db: Path) -> int:
-    if not db.exists():
-        return 0
-    with sqlite3.connect(db) as con:
-        try:
-            return con.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
-        except sqlite3.OperationalError:
-            return 0
-
-
 def test_optuna_search_resumes_after_being_killed(tmp_path: Path, data_file: Path) -> None:
     args = ["-m", "hparams_search=finetune_optuna", "hydra.sweeper.n_trials=3", *TINY,
             f"data.train_file={data_file}", "trainer.limit_train_batches=2"]
@@ -91,16 +82,16 @@ def test_optuna_search_resumes_after_being_killed(tmp_path: Path, data_file: Pat
                             env={**__import__("os").environ, **env}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while _finished_trials(db) < 1 and time.time() < deadline and proc.poll() is None:
+    while len(finished_trials(db)) < 1 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
     __import__("os").killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = _finished_trials(db)
+    done = len(finished_trials(db))
     assert 1 <= done < 3
     again = run_cli(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"{done} of 3 trials finished, {3 - done} to run" in again.stdout + again.stderr
-    assert _finished_trials(db) == 3
+    assert len(finished_trials(db)) == 3
 
 
 SAMPLER_SCRIPT = textwrap.dedent('''

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAST, run_cli
+from conftest import FAST, check_one_ddp_run, check_one_trial_search, run_cli
 from transformers import (
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
@@ -408,3 +408,19 @@ def test_limit_train_per_class(make_cfg, tmp_path: Path) -> None:
         texts = [dm.tokenizer.batch_decode(list(dm.datasets[split]["input_ids"]), skip_special_tokens=True)
                  for dm in (limited, full)]
         assert texts[0] == texts[1]
+
+
+def test_mlm_under_ddp_cpu(tmp_path: Path, corpus_file: Path) -> None:
+    proc = run_cli("trainer=ddp_cpu", *FAST, "task=mlm", "data=text_files", f"data.train_file={corpus_file}",
+                   "model.hidden_size=32", "model.intermediate_size=64", "data.vocab_size=200", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = check_one_ddp_run(tmp_path / "logs", "mlm")
+    assert np.isclose(metrics["test/perplexity"], np.exp(metrics["test/loss"]), rtol=1e-4)
+
+
+def test_mlm_optuna_search_minimises_the_validation_loss(tmp_path: Path, corpus_file: Path) -> None:
+    value = check_one_trial_search("mlm_optuna", "mlm", *FAST, "data=text_files", f"data.train_file={corpus_file}",
+                                   "model.hidden_size=32", "model.intermediate_size=64", "data.vocab_size=200",
+                                   cwd=tmp_path)
+    [job] = (tmp_path / "logs" / "mlm" / "multiruns").glob("*/0")
+    assert value == pytest.approx(json.loads((job / "metrics.json").read_text())["metrics"]["val/loss_best"])

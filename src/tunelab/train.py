@@ -61,13 +61,15 @@ def run(cfg: DictConfig) -> float | None:
     metrics = dict(trainer.callback_metrics)
     if cfg.get("test", True):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        trainer.test(task, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        # train=false ckpt_path=<file>: evaluate that checkpoint
+        trainer.test(task, datamodule=datamodule, ckpt_path=best or ckpt_path or None, weights_only=True)
         metrics.update(trainer.callback_metrics)
 
     export_task = gather_for_export(cfg, task, datamodule, trainer)
     if trainer.is_global_zero:
         write_artifacts(out, cfg, export_task, metrics, trainer)
-    return metric_value(metrics, cfg.get("optimized_metric"))
+    # an evaluation-only run (train=false) has no validation metric to return
+    return metric_value(metrics, cfg.get("optimized_metric") if cfg.get("train", True) else None)
 
 
 def check_modalities(cfg: DictConfig, datamodule: Any) -> None:

@@ -1,4 +1,4 @@
-"""ddp_cpu (two gloo processes): runs, sweeps, resume, Optuna resume, and exactly-once sampling."""
+"""ddp_cpu (two gloo processes): runs, sweeps, resume, Optuna resume, exactly-once sampling; FSDP wrapping."""
 
 from __future__ import annotations
 
@@ -11,8 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from conftest import ROOT, check_one_ddp_run, finished_trials, run_cli
+from transformers import BertConfig, BertModel
+
+from tunelab.distributed import block_classes
 
 TINY = ["data=text_files", "model.hidden_size=32", "model.intermediate_size=64", "trainer.max_epochs=1",
         "trainer.enable_progress_bar=false"]
@@ -138,3 +142,19 @@ def test_each_training_sample_seen_once_per_epoch_across_two_ranks(tmp_path: Pat
     dm.setup()
     expected = sorted(tuple(x) for x in dm.datasets["train"]["input_ids"])
     assert sorted(seen) == expected
+
+
+def tiny_bert() -> torch.nn.Module:
+    return BertModel(BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64))
+
+
+@pytest.mark.parametrize(("make", "unit", "count"), [
+    (tiny_bert, "BertLayer", 3),
+    (lambda: timm.create_model("resnet10t"), "BasicBlock", 4),
+    (lambda: timm.create_model("vit_tiny_patch16_224", depth=2), "Block", 2),
+])
+def test_fsdp_wraps_each_transformer_layer_and_timm_block(make, unit: str, count: int) -> None:
+    """The auto-wrap policy trainer=fsdp uses (FSDP itself needs a GPU: Lightning refuses it on CPU)."""
+    policy = block_classes()
+    wrapped = [type(m).__name__ for m in make().modules() if policy(m, recurse=False, nonwrapped_numel=0)]
+    assert wrapped == [unit] * count

@@ -150,13 +150,12 @@ class DomainPairDataModule(LightningDataModule):
         trains = []
         for role, dm in self.sides():
             with blame(role, dm):
-                trains.append(dm._read_splits()["train"])
+                trains.append(dm.read_splits()["train"])
         texts = (text for ds in trains for i in range(0, len(ds), 1000) for text in ds[i : i + 1000]["text"])
         tokenizer = cached_wordpiece(texts, key="+".join(ds._fingerprint for ds in trains),
                                      vocab_size=self.source.vocab_size, cache_dir=self.source.cache_dir)
         for _, dm in self.sides():
-            # TextDataModule builds its tokenizer in `_tokenizer(train)`; hand it the shared one instead
-            dm._tokenizer = lambda _train, tok=tokenizer: tok
+            dm.tokenizer_source = tokenizer
 
     def _check_pair(self) -> None:
         """Both domains labelled with one label set, and a target with data to adapt to."""

@@ -80,7 +80,7 @@ class TextDataModule(SplitDataModule):
         seed: int = 0,
         limit_train: int | None = None,
         limit_train_per_class: int | None = None,
-        tokenizer: str | None = None,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
         trust_remote_code: bool = False,
         vocab_size: int = 8000,
         max_length: int = 128,
@@ -122,7 +122,7 @@ class TextDataModule(SplitDataModule):
         if self.datasets:
             return
         self._check_options()
-        raw = self._read_splits()
+        raw = self.read_splits()
         self.tokenizer = self._tokenizer(raw["train"])
         if self.collator_factory is not None:  # built now so its settings fail before any tokenizing
             self.masking = self.collator_factory(tokenizer=self.tokenizer)
@@ -163,7 +163,8 @@ class TextDataModule(SplitDataModule):
             raise empty
         return ds
 
-    def _read_splits(self) -> dict[str, datasets.Dataset]:
+    def read_splits(self) -> dict[str, datasets.Dataset]:
+        """The raw train/val/test records (before tokenizing), split and subset as configured."""
         train = self._read("train")
         raw = {"train": train}
         for split, fraction in (("test", self.test_fraction), ("val", self.val_fraction)):
@@ -182,6 +183,9 @@ class TextDataModule(SplitDataModule):
         return raw
 
     def _tokenizer(self, train: datasets.Dataset) -> PreTrainedTokenizerBase:
+        """data.tokenizer: a tokenizer object (shared by a caller), a folder or hub name, or trained here."""
+        if isinstance(self.tokenizer_source, PreTrainedTokenizerBase):
+            return self.tokenizer_source
         if self.tokenizer_source:
             return load_tokenizer(str(self.tokenizer_source), self.trust_remote_code)
         texts = (train[i : i + 1000]["text"] for i in range(0, len(train), 1000))

@@ -64,19 +64,20 @@ def _cycle(loader):
         yield from loader
 
 
-def tunelab_rate(cfg, datamodule) -> float:
+def tunelab_rate(cfg, datamodule, precision: str) -> float:
     task = instantiate(cfg.task, datamodule=datamodule)
     timer = WindowTimer(WARMUP)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [timer]
     loggers = [instantiate(c) for c in cfg.logger.values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, max_steps=WARMUP + STEPS,
-                          limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False)
+                          precision=precision, limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(task, datamodule=datamodule)
     return STEPS * datamodule.batch_size * datamodule.max_length / (timer.end - timer.start)
 
 
-def reference_rate(cfg, datamodule) -> float:
-    """The Hugging Face recipe (run_mlm.py's model, collator and loss) in a plain loop."""
+def reference_rate(cfg, datamodule, precision: str) -> float:
+    """The Hugging Face recipe (run_mlm.py's model, collator and loss) in a plain loop; under bf16-mixed,
+    CPU autocast to bfloat16 as the Hugging Face Trainer's `--bf16` does."""
     from torch.utils.data import DataLoader
     from transformers import BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling
 
@@ -92,8 +93,11 @@ def reference_rate(cfg, datamodule) -> float:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay)
     scheduler = instantiate(cfg.scheduler)(optimizer=optimizer, num_training_steps=WARMUP + STEPS)
 
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+
     def step(batch: dict) -> None:
-        loss = model(**batch).loss
+        with autocast:
+            loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -103,7 +107,7 @@ def reference_rate(cfg, datamodule) -> float:
     return STEPS * datamodule.batch_size * datamodule.max_length / seconds
 
 
-def measure_training(side: str) -> dict:
+def measure_training(side: str, precision: str) -> dict:
     """One side, in this (fresh) process: tokens/s and the resident memory training adds."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose_config(OVERRIDES, Path(tmp) / "run")
@@ -112,7 +116,7 @@ def measure_training(side: str) -> dict:
         L.seed_everything(0)
         reset_peak()
         before = rss_mb("VmRSS")
-        rate = (tunelab_rate if side == "tunelab" else reference_rate)(cfg, datamodule)
+        rate = (tunelab_rate if side == "tunelab" else reference_rate)(cfg, datamodule, precision)
         return {"tokens_per_s": rate, "peak_mb": rss_mb("VmHWM") - before}
 
 
@@ -173,19 +177,22 @@ def in_child(*args: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def training() -> dict[str, float]:
+def training(precision: str) -> dict[str, float]:
+    """Both sides at the same precision: `32-true`, or `bf16-mixed` (CPU autocast; fast where the CPU has
+    bfloat16 instructions, e.g. AVX512-BF16 or AMX)."""
     runs: dict[str, list[dict]] = {"tunelab": [], "reference": []}
     for i in range(REPEATS):
         for side in (("tunelab", "reference") if i % 2 == 0 else ("reference", "tunelab")):
-            runs[side].append(in_child("train", side))
+            runs[side].append(in_child("train", side, precision))
     pairs = [(a["tokens_per_s"], b["tokens_per_s"]) for a, b in zip(runs["tunelab"], runs["reference"], strict=True)]
     ours, ref, ratio = median_ratio(pairs)
     mem = {side: float(np.median([r["peak_mb"] for r in rs])) for side, rs in runs.items()}
-    print(f"mlm  bert_mini(256x4, vocab {VOCAB}, len 128)/reviews  tunelab {ours:8.0f} tokens/s "
+    print(f"mlm  bert_mini(256x4, vocab {VOCAB}, len 128)/reviews {precision:>10}  tunelab {ours:8.0f} tokens/s "
           f"(peak +{mem['tunelab']:.0f} MB)  HF reference {ref:8.0f} tokens/s (peak +{mem['reference']:.0f} MB)  "
           f"ratio {ratio:.2f}x (target >= 3x)", flush=True)
-    return {"tunelab": ours, "reference": ref, "ratio": ratio, "tunelab_mb": mem["tunelab"],
-            "reference_mb": mem["reference"]}
+    return {f"{precision}/{key}": value for key, value in {
+        "tunelab": ours, "reference": ref, "ratio": ratio, "tunelab_mb": mem["tunelab"],
+        "reference_mb": mem["reference"]}.items()}
 
 
 def data_prep() -> dict[str, float]:
@@ -207,12 +214,12 @@ def data_prep() -> dict[str, float]:
 
 
 def main() -> dict[str, float]:
-    return {**training(), **data_prep()}
+    return {**training("32-true"), **training("bf16-mixed"), **data_prep()}
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "train":
-        print(json.dumps(measure_training(sys.argv[2])))
+        print(json.dumps(measure_training(sys.argv[2], sys.argv[3])))
     elif len(sys.argv) > 1 and sys.argv[1] == "prep":
         print(json.dumps(measure_prep(sys.argv[2], sys.argv[3])))
     else:

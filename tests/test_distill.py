@@ -117,6 +117,34 @@ def test_kd_loss_equals_the_formula(temperature: float, alpha: float) -> None:
         assert not torch.allclose(got["kd"], torch.zeros(())), "random logits must disagree"
 
 
+def test_kd_loss_on_a_transfer_set_uses_labels_where_there_are_some() -> None:
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(8, 3, generator=g), torch.randn(8, 3, generator=g)
+    labels = torch.tensor([0, 2, 1, -100, -100, 1, -100, 0])
+    labelled = labels != -100
+    got = kd_loss(student, teacher, labels, alpha=0.4, temperature=2.0)
+    assert torch.allclose(got["ce"], F.cross_entropy(student[labelled], labels[labelled]))
+    assert torch.allclose(got["kd"], kd_loss(student, teacher, labels.clamp(min=0), 0.4, 2.0)["kd"])  # every row
+    none = kd_loss(student, teacher, torch.full((8,), -100), alpha=0.4, temperature=2.0)
+    assert none["ce"] == 0 and torch.isfinite(none["loss"])
+
+
+def test_distil_with_an_unlabelled_transfer_set(make_cfg, text_data: Path, hf_teacher: Path, tmp_path: Path) -> None:
+    extra = tmp_path / "unlabelled.txt"
+    extra.write_text("\n".join(r["text"] for r in rows(7, 80)) + "\n")
+    cfg = make_cfg(*text_args(text_data, hf_teacher, f"data.unlabelled_file={extra}", "data.limit_unlabelled=50",
+                              "task.cache_teacher=true", f"task.cache_dir={tmp_path / 'cache'}"))
+    task, dm = build_task(cfg)
+    labels = torch.tensor(dm.datasets["train"]["labels"])
+    assert len(labels) == 96 + 50 and (labels == -100).sum() == 50
+    run(cfg)
+    metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())["metrics"]
+    assert metrics["train/kd"] > 0 and np.isfinite(metrics["train/loss"])
+    finetune = make_cfg("data=text_files", f"data.train_file={text_data / 'train.jsonl'}",
+                        f"data.unlabelled_file={extra}")
+    expect_error(finetune, "data.unlabelled_file", "task=distill")
+
+
 def test_hidden_loss_ignores_padding() -> None:
     student, teacher = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])

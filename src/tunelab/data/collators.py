@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tunelab.errors import TunelabError
 
-IGNORE = -100
+IGNORE_INDEX = -100  # a label position or record to leave out of the loss (cross_entropy's default)
 
 
 def wordpiece_prefix(tokenizer: PreTrainedTokenizerBase) -> str | None:
@@ -90,7 +90,7 @@ class MaskingCollator:
         maskable = attention_mask.bool() & ~self.special[input_ids]
         starts = self._word_starts(input_ids, maskable, word_starts) if self.whole_word else None
         chosen = (self._choose_fixed if self.fixed_count else self._choose_dynamic)(maskable, starts, generator)
-        labels = torch.where(chosen, input_ids, IGNORE)
+        labels = torch.where(chosen, input_ids, IGNORE_INDEX)
         batch = {"input_ids": self._corrupt(input_ids, chosen, generator), "attention_mask": attention_mask,
                  "mlm_labels": labels}
         if self.fixed_count:

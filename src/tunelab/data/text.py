@@ -18,6 +18,7 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from tunelab.data import packing
 from tunelab.data.base import SplitDataModule
+from tunelab.data.collators import IGNORE_INDEX
 from tunelab.data.readers import check_file, file_stamp, read_records
 from tunelab.data.tokenizer import cached_wordpiece, load_tokenizer
 from tunelab.errors import TunelabError
@@ -45,6 +46,13 @@ def _tokenize_words(batch: dict, tokenizer: PreTrainedTokenizerBase, max_length:
     enc = tokenizer(batch["text"], truncation=True, max_length=max_length, return_token_type_ids=False)
     starts = [packing.word_starts(enc[i], len(ids)) for i, ids in enumerate(enc["input_ids"])]
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "word_starts": starts}
+
+
+def with_unlabelled(train: datasets.Dataset, unlabelled: datasets.Dataset) -> datasets.Dataset:
+    """Training records followed by unlabelled ones (`labels` -100): a transfer set for distillation, whose
+    teacher labels what has no label."""
+    unlabelled = unlabelled.add_column("labels", [IGNORE_INDEX] * len(unlabelled))
+    return datasets.concatenate_datasets([train, unlabelled.cast(train.features)])
 
 
 def per_class_subset(ds: datasets.Dataset, per_class: int, seed: int) -> datasets.Dataset:
@@ -80,6 +88,8 @@ class TextDataModule(SplitDataModule):
         seed: int = 0,
         limit_train: int | None = None,
         limit_train_per_class: int | None = None,
+        unlabelled_file: str | None = None,
+        limit_unlabelled: int | None = None,
         tokenizer: str | PreTrainedTokenizerBase | None = None,
         trust_remote_code: bool = False,
         vocab_size: int = 8000,
@@ -104,6 +114,7 @@ class TextDataModule(SplitDataModule):
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
         self.limit_train = limit_train
         self.limit_train_per_class = limit_train_per_class
+        self.unlabelled_file, self.limit_unlabelled = unlabelled_file, limit_unlabelled
         self.pack, self.collator_factory, self.num_proc = pack, collator, num_proc
         self.masking: Any = None
         self.tokenizer_source, self.trust_remote_code, self.vocab_size = tokenizer, trust_remote_code, vocab_size
@@ -126,9 +137,12 @@ class TextDataModule(SplitDataModule):
         self.tokenizer = self._tokenizer(raw["train"])
         if self.collator_factory is not None:  # built now so its settings fail before any tokenizing
             self.masking = self.collator_factory(tokenizer=self.tokenizer)
+        unlabelled = raw.pop("unlabelled", None)
         for split, ds in raw.items():
             if self.labelled:
                 ds = self._encode_labels(ds, split)
+            if split == "train" and unlabelled is not None:
+                ds = with_unlabelled(ds, unlabelled)
             self.datasets[split] = self._packed(ds, split) if self.pack else self._tokenized(ds)
 
     def _check_options(self) -> None:
@@ -137,20 +151,25 @@ class TextDataModule(SplitDataModule):
         if per_class is not None and (not self.labelled or per_class < 1):
             raise TunelabError(f"data.limit_train_per_class={per_class} (expected a positive count of records per "
                                "label, with labelled data)")
+        if self.unlabelled_file and not self.labelled:
+            raise TunelabError(f"data.unlabelled_file={self.unlabelled_file} adds unlabelled records to labelled "
+                               "training data (expected data.label_field set; this train file is unlabelled already)")
         if self.pack and self.labelled:
             raise TunelabError(f"data.pack=true joins documents into blocks, which mixes labels (expected "
                                f"data.label_field=null for unlabelled text, got {self.label_field!r})")
 
     def _read(self, split: str) -> datasets.Dataset:
-        path = check_file(self.files[split], f"data.{split}_file")
+        """Records of `data.<split>_file`; split "unlabelled" reads `data.unlabelled_file`, without labels."""
+        path = check_file(self.unlabelled_file if split == "unlabelled" else self.files[split], f"data.{split}_file")
         stamp = file_stamp(path)
         only = f" of domains {self.domains}" if self.domains else ""
         empty = TunelabError(f"data.{split}_file: {path} holds no records{only} (expected at least one non-empty line)")
+        label_field = None if split == "unlabelled" else self.label_field
         try:
             ds = datasets.Dataset.from_generator(
                 _generate,
                 gen_kwargs={"path": str(path.resolve()), "text_field": self.text_field,
-                            "label_field": self.label_field, "encoding_errors": self.encoding_errors,
+                            "label_field": label_field, "encoding_errors": self.encoding_errors,
                             "stamp": stamp, "domain_field": self.domain_field, "domains": self.domains},
                 cache_dir=str(self.cache_dir / "datasets"),
             )
@@ -177,6 +196,11 @@ class TextDataModule(SplitDataModule):
             raw["train"] = raw["train"].shuffle(seed=self.seed).select(range(min(self.limit_train, len(raw["train"]))))
         if self.limit_train_per_class:
             raw["train"] = per_class_subset(raw["train"], self.limit_train_per_class, self.seed)
+        if self.unlabelled_file:
+            raw["unlabelled"] = self._read("unlabelled")
+            if self.limit_unlabelled:
+                n = min(self.limit_unlabelled, len(raw["unlabelled"]))
+                raw["unlabelled"] = raw["unlabelled"].shuffle(seed=self.seed).select(range(n))
         for split, ds in raw.items():
             if len(ds) == 0:
                 raise TunelabError(f"the {split} split is empty (check data.{split}_file or data.{split}_fraction)")

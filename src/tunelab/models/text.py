@@ -22,10 +22,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from tunelab.data.collators import IGNORE_INDEX
 from tunelab.errors import TunelabError
 
 HEADS = {"classifier": AutoModelForSequenceClassification, "masked_lm": AutoModelForMaskedLM}
-IGNORE_INDEX = -100
 
 
 def masked_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:

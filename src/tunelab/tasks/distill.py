@@ -43,8 +43,14 @@ def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor, alpha: float,
             temperature: float, label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
-    """Hinton KD: `alpha * CE + (1 - alpha) * soft-target loss`; each part returned for logging."""
-    ce = F.cross_entropy(student_logits.float(), labels, label_smoothing=label_smoothing)
+    """Hinton KD: `alpha * CE + (1 - alpha) * soft-target loss`; each part returned for logging.
+
+    CE averages over the labelled rows only: rows labelled -100 (a transfer set, `data.unlabelled_file`)
+    learn from the teacher alone. Summed then divided, so a batch without labels gives 0, not NaN.
+    """
+    labelled = (labels != IGNORE_INDEX).sum().clamp(min=1)
+    ce = F.cross_entropy(student_logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum",
+                         label_smoothing=label_smoothing) / labelled
     if teacher_logits is None or alpha >= 1:
         return {"loss": ce, "ce": ce}
     kd = soft_target_loss(student_logits, teacher_logits, temperature)
@@ -73,6 +79,8 @@ def attention_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Ten
 # ----------------------------------------------------------------------------------------------- the task
 class DistillTask(FinetuneTask):
     """Fine-tuning a student with a teacher's soft labels: hard + soft loss, agreement, size and speed ratios."""
+
+    learns_from_unlabelled = True  # the teacher labels a transfer set (data.unlabelled_file)
 
     def __init__(
         self,
@@ -200,7 +208,8 @@ class DistillTask(FinetuneTask):
         total = losses.pop("loss")
         self.log("train/loss", total, prog_bar=True, batch_size=n)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=n)
-        self.train_metrics(out.logits, batch["labels"])
+        labelled = batch["labels"] != IGNORE_INDEX
+        self.train_metrics(out.logits[labelled], batch["labels"][labelled])
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=n)
         if "logits" in teacher:
             self.agreement["train_"](out.logits, teacher["logits"].argmax(-1))

@@ -16,6 +16,7 @@ from torch import nn
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from tunelab.errors import TunelabError
 from tunelab.tasks.base import Task, classification_metrics, log_confusion_matrix
 
 
@@ -29,6 +30,8 @@ def head_and_backbone(model: nn.Module) -> tuple[set[int], Callable[[str], bool]
 class FinetuneTask(Task):
     """Cross-entropy on labelled data, with accuracy and macro-F1 for every split."""
 
+    learns_from_unlabelled = False
+
     def __init__(
         self,
         model: Callable[..., nn.Module],
@@ -39,6 +42,11 @@ class FinetuneTask(Task):
         freeze_backbone: bool = False,
         label_smoothing: float = 0.0,
     ) -> None:
+        if getattr(datamodule, "unlabelled_file", None) and not self.learns_from_unlabelled:
+            raise TunelabError(
+                f"data.unlabelled_file={datamodule.unlabelled_file}: unlabelled records are a transfer set for "
+                "task=distill, whose teacher labels them (expected data.unlabelled_file=null for this task)"
+            )
         super().__init__(optimizer, scheduler, backbone_lr_mult, freeze_backbone)
         self.labels = list(datamodule.labels)
         self.tokenizer = getattr(datamodule, "tokenizer", None)

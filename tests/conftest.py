@@ -51,6 +51,22 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) 
                           capture_output=True, text=True, timeout=timeout)
 
 
+def expect_error(cfg: DictConfig, *fragments: str) -> str:
+    """`run(cfg)` stops with a TunelabError (Hydra may wrap it) whose message holds every fragment."""
+    from tunelab.errors import TunelabError
+    from tunelab.train import run
+
+    with pytest.raises(Exception) as info:  # noqa: B017 (Hydra wraps errors raised inside `instantiate`)
+        run(cfg)
+    error = info.value
+    while error is not None and not isinstance(error, TunelabError):
+        error = error.__cause__
+    assert error is not None, f"not a TunelabError: {info.value!r}"
+    for fragment in fragments:
+        assert fragment in str(error), str(error)
+    return str(error)
+
+
 def check_one_ddp_run(logs: Path, task: str) -> dict:
     """A finished `trainer=ddp_cpu` run: one folder both ranks wrote into, artifacts from rank 0 only."""
     runs = list((logs / task / "runs").iterdir())

@@ -7,11 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, run_cli
+from conftest import FAST, expect_error, run_cli
 from PIL import Image
-
-from tunelab.errors import TunelabError
-from tunelab.train import run
 
 
 def text_cfg(make_cfg, train: Path, *extra: str):
@@ -26,13 +23,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 GOOD = [{"text": f"sample {i} is {lab}", "label": lab} for i in range(20) for lab in ("good", "bad")]
 
 
-def expect_error(cfg, *fragments: str) -> str:
-    with pytest.raises(TunelabError) as info:
-        run(cfg)
-    message = str(info.value)
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
 
 
 @pytest.mark.parametrize(

@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import FAST, check_one_ddp_run, check_one_trial_search, run_cli
+from conftest import FAST, check_one_ddp_run, check_one_trial_search, expect_error, run_cli
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
 from tunelab.data.augment import TokenNoise
 from tunelab.data.tokenizer import train_wordpiece
-from tunelab.errors import TunelabError
 from tunelab.models.grl import GradientReversal, dann_lambda, reverse_gradient
 from tunelab.models.heads import Bottleneck
 from tunelab.tasks.dann import concat_inputs
@@ -263,13 +262,6 @@ def test_source_only_is_one_override_and_never_trains_on_the_target(make_cfg, te
 
 
 # ----------------------------------------------------------------------------- bad input
-def expect_error(cfg, *fragments: str) -> str:
-    with pytest.raises(TunelabError) as info:
-        run(cfg)
-    message = str(info.value)
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
 
 
 def test_different_label_sets(make_cfg, text_pair, tmp_path: Path) -> None:

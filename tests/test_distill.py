@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAST, check_one_ddp_run, check_one_trial_search, run_cli
+from conftest import FAST, check_one_ddp_run, check_one_trial_search, expect_error, run_cli
 from hydra.utils import instantiate
 from PIL import Image
 from transformers import (
@@ -73,16 +73,6 @@ def text_args(data: Path, teacher: Path | str, *extra: str, student: tuple[str, 
             f"teacher.path={teacher}", *student, *extra]
 
 
-def expect_error(cfg, *fragments: str) -> str:
-    with pytest.raises(Exception) as info:  # noqa: B017 (Hydra wraps errors raised inside `instantiate`)
-        run(cfg)
-    error = info.value
-    while error is not None and not isinstance(error, TunelabError):
-        error = error.__cause__
-    assert error is not None, f"not a TunelabError: {info.value!r}"
-    for fragment in fragments:
-        assert fragment in str(error), str(error)
-    return str(error)
 
 
 def build_task(cfg):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAST, check_one_ddp_run, check_one_trial_search, run_cli
+from conftest import FAST, check_one_ddp_run, check_one_trial_search, expect_error, run_cli
 from transformers import (
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
@@ -329,15 +329,6 @@ def test_validation_masks_repeat_training_masks_do_not(make_cfg, corpus_file: Pa
 
 
 # ----------------------------------------------------------------------------- bad input
-def expect_error(cfg, *fragments: str) -> None:
-    with pytest.raises(Exception) as info:  # noqa: B017 (Hydra wraps errors raised inside `instantiate`)
-        run(cfg)
-    error = info.value
-    while error is not None and not isinstance(error, TunelabError):
-        error = error.__cause__
-    assert error is not None, f"not a TunelabError: {info.value!r}"
-    for fragment in fragments:
-        assert fragment in str(error), str(error)
 
 
 def test_empty_corpus(make_cfg, tmp_path: Path) -> None:

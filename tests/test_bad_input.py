@@ -150,3 +150,9 @@ def test_checkpoint_that_does_not_fit(make_cfg, tmp_path: Path) -> None:
 
 def test_checkpoint_missing(make_cfg, tmp_path: Path) -> None:
     expect_error(make_cfg(f"ckpt_path={tmp_path / 'x.ckpt'}"), "file not found")
+
+
+def test_a_run_that_trains_no_step_says_so(make_cfg, tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "train.jsonl", GOOD * 10)
+    expect_error(text_cfg(make_cfg, path, "trainer.limit_train_batches=0"), "no training step ran",
+                 "trainer.limit_train_batches")

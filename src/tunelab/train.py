@@ -58,6 +58,12 @@ def run(cfg: DictConfig) -> float | None:
 
     if cfg.get("train", True):
         trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        if trainer.global_step == 0:
+            raise TunelabError(
+                f"no training step ran: no training batch reached any of the {trainer.world_size} process(es) "
+                "(expected at least one batch; check trainer.limit_train_batches, data.batch_size and the size "
+                "of the train split)"
+            )
     metrics = dict(trainer.callback_metrics)
     if cfg.get("test", True):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""

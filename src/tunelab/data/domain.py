@@ -191,11 +191,12 @@ class DomainPairDataModule(LightningDataModule):
         if self.token_noise and role in self.noise_on:
             collate = TokenNoise(collate, dm.tokenizer, **self.token_noise)
         dataset = dm.datasets["train"]
+        ranks = self.trainer.world_size if self.trainer is not None else 1  # each rank gets its share
         return DataLoader(
             dataset,
             batch_size=dm.batch_size,
             shuffle=True,
-            drop_last=len(dataset) > dm.batch_size,  # no 1-sample batch for batch norm to choke on
+            drop_last=len(dataset) // ranks > dm.batch_size,  # no 1-sample batch for batch norm to choke on
             collate_fn=collate,
             num_workers=dm.num_workers,
             persistent_workers=dm.num_workers > 0,

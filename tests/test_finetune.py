@@ -46,7 +46,7 @@ def test_tensorboard_has_scalars_hparams_and_confusion_matrix(text_run: Path) ->
     acc.Reload()
     tags = acc.Tags()
     scalars = set(tags["scalars"])
-    assert {"train/loss", "val/acc", "val/f1", "val/acc_best", "test/acc"} <= scalars
+    assert {"train/loss", "train/acc", "train/f1", "val/acc", "val/f1", "val/acc_best", "test/acc"} <= scalars
     assert any(t.startswith("lr-") for t in scalars), scalars
     assert any("samples_per_sec" in t for t in scalars), scalars
     assert "val/confusion_matrix" in tags["images"]

@@ -84,7 +84,7 @@ class FinetuneTask(Task):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, logits = self._step(batch)
         n = len(batch["labels"])
-        self.train_metrics(logits, batch["labels"])
+        self.train_metrics.update(logits, batch["labels"])  # computed once an epoch, not every step
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=n)
         return loss

@@ -210,9 +210,8 @@ class DistillTask(FinetuneTask):
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=n)
         labelled = batch["labels"] != IGNORE_INDEX
         self.train_metrics.update(out.logits[labelled], batch["labels"][labelled])
-        self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=n)
         if "logits" in teacher:
-            self.agreement["train_"](out.logits, teacher["logits"].argmax(-1))
+            self.agreement["train_"].update(out.logits, teacher["logits"].argmax(-1))
             self.log("train/agreement", self.agreement["train_"], on_step=False, on_epoch=True, batch_size=n)
         return total
 

@@ -84,10 +84,14 @@ class FinetuneTask(Task):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, logits = self._step(batch)
         n = len(batch["labels"])
-        self.train_metrics.update(logits, batch["labels"])  # computed once an epoch, not every step
+        self.train_metrics.update(logits, batch["labels"])
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=n)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        """Training accuracy/F1 over the epoch: computed (and synchronised) once, not at every step."""
+        self.log_dict(self.train_metrics.compute(), sync_dist=True)
+        self.train_metrics.reset()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, logits = self._step(batch)

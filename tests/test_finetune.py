@@ -113,6 +113,7 @@ def test_pretrained_directory_loads_exactly_those_weights(make_cfg, tiny_hf_dir:
     for name, tensor in reference.state_dict().items():
         assert torch.equal(ours[name], tensor), name
     assert len(dm.tokenizer) == len(AutoTokenizer.from_pretrained(tiny_hf_dir))
+    assert all(m.training for m in task.model.modules())  # from_pretrained's eval mode would turn dropout off
     assert run(cfg) is not None
 
 

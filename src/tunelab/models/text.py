@@ -122,9 +122,11 @@ class TextModel(nn.Module):
 
     @staticmethod
     def _load(cls: Any, source: str, kwargs: dict, ignore_mismatched_sizes: bool, trust_remote_code: bool) -> PreTrainedModel:
+        """`from_pretrained`, back in training mode: it returns the model in eval mode, and Lightning keeps each
+        submodule's mode, so fine-tuning would otherwise run without dropout."""
         try:
             return cls.from_pretrained(source, ignore_mismatched_sizes=ignore_mismatched_sizes,
-                                       trust_remote_code=trust_remote_code, **kwargs)
+                                       trust_remote_code=trust_remote_code, **kwargs).train()
         except RuntimeError as e:
             raise TunelabError(
                 f"model.pretrained: the checkpoint in {source} does not fit ({str(e).splitlines()[0]}); set "

@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from omegaconf import DictConfig
@@ -65,6 +66,19 @@ def expect_error(cfg: DictConfig, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in str(error), str(error)
     return str(error)
+
+
+def trained_task(cfg: DictConfig, run: Path, stage: str = "test") -> tuple[Any, Any]:
+    """The run's task rebuilt from `cfg` with its best checkpoint loaded, in eval mode, and its DataModule."""
+    import torch
+    from hydra.utils import instantiate
+
+    dm = instantiate(cfg.data)
+    dm.setup(stage)
+    task = instantiate(cfg.task, datamodule=dm)
+    best = json.loads((run / "metrics.json").read_text())["best_checkpoint"]
+    task.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
+    return task.eval(), dm
 
 
 def check_one_ddp_run(logs: Path, task: str) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import FAST, check_one_ddp_run, check_one_trial_search, expect_error, run_cli
+from conftest import FAST, check_one_ddp_run, check_one_trial_search, expect_error, run_cli, trained_task
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
@@ -217,12 +217,7 @@ def test_dann_on_two_image_folder_trees(make_cfg, image_pair) -> None:
     assert {r[0] for r in rows[1:]} == {"source", "target"} and {r[1] for r in rows[1:]} <= set(COLOURS)
     # the export is a plain timm classifier, bottleneck folded in, giving the task's logits
     net = timm.create_model(f"local-dir:{out / 'model'}", pretrained=True).eval()
-    dm = instantiate(cfg.data)
-    dm.setup("test")
-    task = instantiate(cfg.task, datamodule=dm)
-    best = json.loads((out / "metrics.json").read_text())["best_checkpoint"]
-    task.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
-    task.eval()
+    task, dm = trained_task(cfg, out)
     x = next(iter(dm.test_dataloader()[1]))
     with torch.no_grad():
         assert torch.allclose(net(x["pixel_values"]), task(x), atol=1e-4)

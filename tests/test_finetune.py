@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import FAST, run_cli
+from conftest import FAST, run_cli, trained_task
 from hydra.utils import instantiate
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -64,12 +64,7 @@ def test_text_export_loads_in_plain_transformers_with_same_logits(text_run: Path
     tokenizer = AutoTokenizer.from_pretrained(text_run / "model")
     assert model.config.id2label == {0: "negative", 1: "positive"}
     cfg = compose_cfg([*FAST, "model.hidden_size=64"], text_run.parent / "probe")
-    dm = instantiate(cfg.data)
-    dm.setup("fit")
-    task = instantiate(cfg.task, datamodule=dm)
-    best = json.loads((text_run / "metrics.json").read_text())["best_checkpoint"]
-    task.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
-    task.eval()
+    task, _ = trained_task(cfg, text_run, stage="fit")
     batch = tokenizer(["the kettle is sturdy and great", "a tedious, predictable book"], padding=True,
                       return_tensors="pt", return_token_type_ids=False)
     with torch.no_grad():
@@ -86,12 +81,7 @@ def test_image_run_exports_timm_folder_with_same_logits(make_cfg) -> None:
     same = timm.create_model("resnet10t", pretrained=True, num_classes=10,
                              pretrained_cfg_overlay={"file": str(weights), "num_classes": 10}).eval()
     assert timm.data.resolve_data_config(model=net)["input_size"] == (3, 32, 32)
-    dm = instantiate(cfg.data)
-    dm.setup("test")
-    task = instantiate(cfg.task, datamodule=dm)
-    best = json.loads((out / "metrics.json").read_text())["best_checkpoint"]
-    task.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
-    task.eval()
+    task, dm = trained_task(cfg, out)
     x = next(iter(dm.test_dataloader()))
     with torch.no_grad():
         assert torch.allclose(net(x["pixel_values"]), task(x), atol=1e-5)

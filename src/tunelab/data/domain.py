@@ -206,15 +206,15 @@ class DomainPairDataModule(LightningDataModule):
         return CombinedLoader({role: self._train_loader(role, dm) for role, dm in self.sides()}, mode=self.mode)
 
     def val_dataloader(self) -> list[DataLoader]:
-        loaders = []
-        for role, dm in self.sides():
-            with blame(role, dm):
-                loaders.append(dm.val_dataloader())
-        return loaders
+        return self._eval_loaders("val")
 
     def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("test")
+
+    def _eval_loaders(self, split: str) -> list[DataLoader]:
+        """One loader per domain (source first), each blaming its own config on error."""
         loaders = []
         for role, dm in self.sides():
             with blame(role, dm):
-                loaders.append(dm.test_dataloader())
+                loaders.append(getattr(dm, f"{split}_dataloader")())
         return loaders

@@ -23,8 +23,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 GOOD = [{"text": f"sample {i} is {lab}", "label": lab} for i in range(20) for lab in ("good", "bad")]
 
 
-
-
 @pytest.mark.parametrize(
     ("args", "fragments"),
     [

@@ -257,8 +257,6 @@ def test_source_only_is_one_override_and_never_trains_on_the_target(make_cfg, te
 
 
 # ----------------------------------------------------------------------------- bad input
-
-
 def test_different_label_sets(make_cfg, text_pair, tmp_path: Path) -> None:
     other = write_jsonl(tmp_path / "stars.jsonl", reviews(("kettle",), 10, labels=("1", "5")))
     expect_error(make_cfg(*text_args(text_pair[0], other)), "data.source labels ['bad', 'good']",

@@ -73,8 +73,6 @@ def text_args(data: Path, teacher: Path | str, *extra: str, student: tuple[str, 
             f"teacher.path={teacher}", *student, *extra]
 
 
-
-
 def build_task(cfg):
     dm = instantiate(cfg.data)
     dm.setup("fit")

@@ -329,8 +329,6 @@ def test_validation_masks_repeat_training_masks_do_not(make_cfg, corpus_file: Pa
 
 
 # ----------------------------------------------------------------------------- bad input
-
-
 def test_empty_corpus(make_cfg, tmp_path: Path) -> None:
     path = tmp_path / "empty.txt"
     path.write_text("\n  \n\n")

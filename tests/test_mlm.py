@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAST, check_one_ddp_run, check_one_trial_search, expect_error, run_cli
+from conftest import FAST, check_one_ddp_run, check_one_trial_search, compose_cfg, expect_error, run_cli
 from transformers import (
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
+    AutoTokenizer,
     BertConfig,
     BertForMaskedLM,
     PreTrainedTokenizerFast,
@@ -295,6 +296,25 @@ def test_finetune_starts_from_the_mlm_model(mlm_run: Path, make_cfg) -> None:
     assert set(pretrained) <= set(encoder)
     assert all(torch.equal(pretrained[k], encoder[k]) for k in pretrained)
     assert (Path(cfg.paths.output_dir) / "model" / "tokenizer.json").is_file()
+
+
+def test_transfer_recipe_chains_pretraining_into_fine_tuning(tmp_path: Path) -> None:
+    """The recipe's two experiments, cut to a few steps: step 2 loads step 1's model and draws 256 reviews a class."""
+    from hydra.utils import instantiate
+
+    pretrain = compose_cfg([*FAST, "experiment=reviews_mlm_pretrain", "model.num_layers=1"], tmp_path / "mlm")
+    assert pretrain.model.hidden_size == 256 and not pretrain.data.pack
+    run(pretrain)
+    model_dir = Path(pretrain.paths.output_dir) / "model"
+    finetune = compose_cfg([*FAST, "experiment=reviews_finetune_small", "model=hf", f"model.pretrained={model_dir}",
+                            "seed=2"], tmp_path / "finetune")
+    run(finetune)
+    metrics = json.loads((Path(finetune.paths.output_dir) / "metrics.json").read_text())["metrics"]
+    assert 0 <= metrics["test/acc"] <= 1
+    dm = instantiate(finetune.data)
+    dm.setup("fit")
+    assert np.bincount(dm.datasets["train"]["labels"]).tolist() == [256, 256]
+    assert dm.tokenizer.vocab == AutoTokenizer.from_pretrained(model_dir).vocab  # the pretrained model's own
 
 
 @pytest.fixture

@@ -265,6 +265,12 @@ def test_mlm_run_lowers_validation_perplexity(mlm_run: Path) -> None:
     assert np.isclose(metrics["val/perplexity"], np.exp(metrics["val/loss"]), rtol=1e-4)
 
 
+def test_throughput_counts_tokens(mlm_run: Path) -> None:
+    acc = _scalars(mlm_run)
+    tokens, samples = (acc.Scalars(f"train/device/{name}_per_sec")[-1].value for name in ("items", "samples"))
+    assert tokens == pytest.approx(128 * samples, rel=1e-3)  # every packed block is 128 tokens
+
+
 def test_tensorboard_shows_masked_sentences_with_top3(mlm_run: Path) -> None:
     acc = _scalars(mlm_run)
     assert "val/predictions/text_summary" in acc.Tags()["tensors"]

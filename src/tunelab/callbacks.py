@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import ThroughputMonitor
 
 
@@ -19,8 +20,21 @@ def batch_size(batch: Any) -> int:
     raise TypeError(f"cannot count samples in a {type(batch).__name__}")
 
 
+def token_count(batch: Any) -> int:
+    """Tokens (ones of `attention_mask`) in a text batch, or in both halves of a domain pair."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return sum(token_count(v) for v in batch.values() if isinstance(v, Mapping))
+
+
 class Throughput(ThroughputMonitor):
-    """Lightning's ThroughputMonitor (samples/s, batches/s) for the project's dict batches."""
+    """Lightning's ThroughputMonitor (samples/s, batches/s) for the project's dict batches; on text data its
+    items are tokens, so `train/device/items_per_sec` is tokens/s, the figure `make bench` compares."""
 
     def __init__(self, window_size: int = 20, **kwargs: Any) -> None:
         super().__init__(batch_size_fn=batch_size, window_size=window_size, **kwargs)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if getattr(trainer.datamodule, "modality", None) == "text":
+            self.length_fn = token_count
+        super().setup(trainer, pl_module, stage)

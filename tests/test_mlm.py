@@ -208,6 +208,7 @@ def test_sparse_head_matches_full_vocab_head(wordpiece, arch: str, fixed_count: 
                      labels=batch["mlm_labels"]).loss
     full_grads = torch.autograd.grad(full, list(model.net.parameters()), allow_unused=True)
     model.sparse_mlm = True
+    assert model._sparse_last_layer(batch) is not None  # the last layer runs on the predicted rows only
     logits, targets = model(batch).logits, masked_targets(batch)
     assert logits.shape[0] < batch["input_ids"].numel() / 4  # only the predicted rows
     sparse = F.cross_entropy(logits, targets, ignore_index=-100)

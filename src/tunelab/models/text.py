@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -178,6 +179,10 @@ class TextModel(nn.Module):
         mask = batch.get("attention_mask")
         if mask is not None and not torch.compiler.is_compiling() and bool(mask.all()):
             mask = None  # full packed blocks: SDPA's fastest kernels
+        last = self._sparse_last_layer(batch)
+        if last is not None:
+            rows = self._sparse_last_rows(batch, mask, last)
+            return self.mlm_head(rows.unsqueeze(0)).squeeze(0), rows
         hidden = self.net.base_model(input_ids=batch["input_ids"], attention_mask=mask)[0]
         positions = batch.get("mlm_positions")
         if positions is None:
@@ -185,6 +190,52 @@ class TextModel(nn.Module):
         else:
             rows = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])).flatten(0, 1)
         return self.mlm_head(rows.unsqueeze(0)).squeeze(0), rows
+
+    def _sparse_last_layer(self, batch: dict[str, torch.Tensor]) -> nn.Module | None:
+        """The last encoder layer when it is a plain BERT/RoBERTa layer under SDPA attention, so that only the
+        predicted rows need its queries and feed-forward; None (run the whole encoder) otherwise, e.g. when
+        compiling, under FSDP (whose wrappers rename the layer class) or with relative position embeddings."""
+        config = self.net.config
+        layers = getattr(getattr(self.net.base_model, "encoder", None), "layer", None)
+        if (torch.compiler.is_compiling() or not isinstance(layers, nn.ModuleList) or len(layers) < 1
+                or type(layers[-1]).__name__ not in ("BertLayer", "RobertaLayer") or config.is_decoder
+                or config._attn_implementation != "sdpa"
+                or getattr(config, "position_embedding_type", "absolute") != "absolute"
+                or not bool((batch["mlm_labels"] != IGNORE_INDEX).any())):
+            return None
+        return layers[-1]
+
+    def _sparse_last_rows(self, batch: dict[str, torch.Tensor], mask: torch.Tensor | None,
+                          last: nn.Module) -> torch.Tensor:
+        """Final hidden states of the predicted rows, in `masked_targets` order. Every layer but the last runs
+        on all positions; the last computes keys and values for all of them but queries, attention output
+        and feed-forward for the predicted rows only (the same numbers, about 15% of that layer's work)."""
+        base, ids = self.net.base_model, batch["input_ids"]
+        key_mask = None if mask is None else mask.bool()[:, None, None, :]
+        hidden = base.embeddings(input_ids=ids)
+        for layer in base.encoder.layer[:-1]:
+            hidden = layer(hidden, key_mask)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        positions, keep = batch.get("mlm_positions"), None
+        if positions is None:  # each row's predicted positions first, padded to the row with the most
+            chosen = batch["mlm_labels"] != IGNORE_INDEX
+            counts = chosen.sum(1)
+            positions = torch.argsort((~chosen).to(torch.int8), dim=1, stable=True)[:, : int(counts.max())]
+            keep = (torch.arange(positions.shape[1], device=ids.device)[None] < counts[:, None]).flatten()
+        attention, (b, _, h) = last.attention.self, hidden.shape
+        heads, size = attention.num_attention_heads, attention.attention_head_size
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.view(b, -1, heads, size).transpose(1, 2)
+
+        queries = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, h))
+        context = F.scaled_dot_product_attention(
+            split(attention.query(queries)), split(attention.key(hidden)), split(attention.value(hidden)),
+            attn_mask=key_mask, dropout_p=attention.dropout.p if self.training else 0.0, scale=attention.scaling,
+        ).transpose(1, 2).reshape(b, -1, heads * size)
+        attended = last.attention.output(context, queries)
+        rows = last.output(last.intermediate(attended), attended).flatten(0, 1)
+        return rows if keep is None else rows[keep]
 
     @property
     def feature_size(self) -> int:

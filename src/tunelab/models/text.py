@@ -172,7 +172,7 @@ class TextModel(nn.Module):
         """Vocabulary logits for the predicted positions only (rows in `masked_targets` order), and the hidden
         states the head saw; never the batch × length × vocabulary tensor.
 
-        Runs the encoder, gathers the hidden states where `mlm_labels` is not -100 (or at `mlm_positions`,
+        Runs the encoder, takes the final hidden states where `mlm_labels` is not -100 (or at `mlm_positions`,
         batch × k indices whose extra entries carry label -100: static shapes for torch.compile) and applies
         the model's own head to those rows.
         """
@@ -180,16 +180,16 @@ class TextModel(nn.Module):
         if mask is not None and not torch.compiler.is_compiling() and bool(mask.all()):
             mask = None  # full packed blocks: SDPA's fastest kernels
         last = self._sparse_last_layer(batch)
-        if last is not None:
-            rows = self._sparse_last_rows(batch, mask, last)
-            return self.mlm_head(rows.unsqueeze(0)).squeeze(0), rows
+        rows = self._full_encoder_rows(batch, mask) if last is None else self._sparse_last_rows(batch, mask, last)
+        return self.mlm_head(rows.unsqueeze(0)).squeeze(0), rows
+
+    def _full_encoder_rows(self, batch: dict[str, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+        """Final hidden states of the predicted rows, in `masked_targets` order, after the whole encoder."""
         hidden = self.net.base_model(input_ids=batch["input_ids"], attention_mask=mask)[0]
         positions = batch.get("mlm_positions")
         if positions is None:
-            rows = hidden[batch["mlm_labels"] != IGNORE_INDEX]
-        else:
-            rows = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])).flatten(0, 1)
-        return self.mlm_head(rows.unsqueeze(0)).squeeze(0), rows
+            return hidden[batch["mlm_labels"] != IGNORE_INDEX]
+        return hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])).flatten(0, 1)
 
     def _sparse_last_layer(self, batch: dict[str, torch.Tensor]) -> nn.Module | None:
         """The last encoder layer when it is a plain BERT/RoBERTa layer under SDPA attention, so that only the

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -25,6 +24,7 @@ from transformers import (
 
 from tunelab.data.collators import IGNORE_INDEX
 from tunelab.errors import TunelabError
+from tunelab.models.dropout import ATTENTION, scaled_dot_product_attention, use_cpu_dropout
 
 HEADS = {"classifier": AutoModelForSequenceClassification, "masked_lm": AutoModelForMaskedLM}
 
@@ -112,6 +112,7 @@ class TextModel(nn.Module):
             self.net = HEADS[head].from_config(config, attn_implementation="sdpa")
         if tokenizer is not None:
             self._check_vocab(tokenizer)
+        use_cpu_dropout(self.net)
         if gradient_checkpointing:
             self.net.gradient_checkpointing_enable()
         self._features: torch.Tensor | None = None
@@ -199,7 +200,7 @@ class TextModel(nn.Module):
         layers = getattr(getattr(self.net.base_model, "encoder", None), "layer", None)
         if (torch.compiler.is_compiling() or not isinstance(layers, nn.ModuleList) or len(layers) < 1
                 or type(layers[-1]).__name__ not in ("BertLayer", "RobertaLayer") or config.is_decoder
-                or config._attn_implementation != "sdpa"
+                or config._attn_implementation not in ("sdpa", ATTENTION)
                 or getattr(config, "position_embedding_type", "absolute") != "absolute"
                 or not bool((batch["mlm_labels"] != IGNORE_INDEX).any())):
             return None
@@ -229,9 +230,9 @@ class TextModel(nn.Module):
             return x.view(b, -1, heads, size).transpose(1, 2)
 
         queries = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, h))
-        context = F.scaled_dot_product_attention(
+        context = scaled_dot_product_attention(
             split(attention.query(queries)), split(attention.key(hidden)), split(attention.value(hidden)),
-            attn_mask=key_mask, dropout_p=attention.dropout.p if self.training else 0.0, scale=attention.scaling,
+            key_mask, attention.dropout.p if self.training else 0.0, attention.scaling,
         ).transpose(1, 2).reshape(b, -1, heads * size)
         attended = last.attention.output(context, queries)
         rows = last.output(last.intermediate(attended), attended).flatten(0, 1)

@@ -214,11 +214,17 @@ def test_sparse_head_matches_full_vocab_head(wordpiece, arch: str, fixed_count: 
     sparse = F.cross_entropy(logits, targets, ignore_index=-100)
     sparse_grads = torch.autograd.grad(sparse, list(model.net.parameters()), allow_unused=True)
 
-    assert torch.allclose(full, sparse, atol=1e-6)
-    for (name, _), a, b in zip(model.net.named_parameters(), full_grads, sparse_grads, strict=True):
-        assert (a is None) == (b is None), name
-        if a is not None:
-            assert torch.allclose(a, b, atol=1e-6, rtol=1e-4), name
+    fused_out = model(batch, fused_loss=True)  # training: the vocabulary projection fused with the loss
+    assert fused_out.logits is None and fused_out.loss is not None
+    assert torch.equal(fused_out.predictions, logits.argmax(-1))
+    fused_grads = torch.autograd.grad(fused_out.loss, list(model.net.parameters()), allow_unused=True)
+
+    for loss, grads in ((sparse, sparse_grads), (fused_out.loss, fused_grads)):
+        assert torch.allclose(full, loss, atol=1e-6)
+        for (name, _), a, b in zip(model.net.named_parameters(), full_grads, grads, strict=True):
+            assert (a is None) == (b is None), name
+            if a is not None:
+                assert torch.allclose(a, b, atol=1e-6, rtol=1e-4), name
 
 
 def test_unknown_mlm_head_layout_is_a_clear_error(wordpiece) -> None:

@@ -25,6 +25,7 @@ from transformers import (
 from tunelab.data.collators import IGNORE_INDEX
 from tunelab.errors import TunelabError
 from tunelab.models.dropout import ATTENTION, scaled_dot_product_attention, use_cpu_dropout
+from tunelab.models.linear_cross_entropy import linear_cross_entropy
 
 HEADS = {"classifier": AutoModelForSequenceClassification, "masked_lm": AutoModelForMaskedLM}
 
@@ -38,12 +39,15 @@ def masked_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @dataclass
 class Output:
-    """What every backbone returns: class logits and the features the head saw."""
+    """What every backbone returns: class logits and the features the head saw. A masked LM training on the
+    predicted rows returns their mean loss and top token ids instead of logits (see `masked_lm_loss`)."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     features: torch.Tensor
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    loss: torch.Tensor | None = None
+    predictions: torch.Tensor | None = None
 
 
 def check_pretrained(source: str) -> str:
@@ -119,6 +123,7 @@ class TextModel(nn.Module):
         # masked LM: when true (and the batch has `mlm_labels`), `forward` returns logits for the predicted
         # positions only, rows in `masked_targets` order; the MLM task turns it on
         self.sparse_mlm = False
+        self._head_split: bool | None = None  # masked LM: whether its head splits before the vocabulary projection
         if head == "classifier":
             self.classifier.register_forward_pre_hook(self._keep_features)
 
@@ -171,18 +176,55 @@ class TextModel(nn.Module):
 
     def masked_lm_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Vocabulary logits for the predicted positions only (rows in `masked_targets` order), and the hidden
-        states the head saw; never the batch × length × vocabulary tensor.
+        states the head saw; never the batch × length × vocabulary tensor."""
+        rows = self._predicted_rows(batch)
+        return self.mlm_head(rows.unsqueeze(0)).squeeze(0), rows
 
-        Runs the encoder, takes the final hidden states where `mlm_labels` is not -100 (or at `mlm_positions`,
-        batch × k indices whose extra entries carry label -100: static shapes for torch.compile) and applies
-        the model's own head to those rows.
-        """
+    def masked_lm_loss(self, batch: dict[str, torch.Tensor]) -> Output | None:
+        """Mean cross-entropy over the predicted rows and their top token ids, the head's vocabulary projection
+        fused with the loss (`linear_cross_entropy`: no logits kept, backward is two matrix products). None
+        where the head cannot be split before that projection: its weights sharded (FSDP, ZeRO-3), or the head
+        doing more after it."""
+        decoder = self.net.get_output_embeddings()
+        if not self._splittable_head(decoder):
+            return None
+        rows = self._predicted_rows(batch)
+        loss, predictions = linear_cross_entropy(self._head_features(rows, decoder), decoder.weight, decoder.bias,
+                                                 masked_targets(batch))
+        return Output(None, rows, loss=loss, predictions=predictions)
+
+    def _head_features(self, rows: torch.Tensor, decoder: nn.Module) -> torch.Tensor:
+        """The MLM head's output without its last module, the vocabulary projection (BERT's and RoBERTa's
+        transform: dense, activation, layer norm), by running the head with that module as an identity."""
+        parent, name = next((m, n) for m in self.mlm_head.modules() for n, c in m.named_children() if c is decoder)
+        setattr(parent, name, nn.Identity())
+        try:
+            return self.mlm_head(rows.unsqueeze(0)).squeeze(0)
+        finally:
+            setattr(parent, name, decoder)
+
+    def _splittable_head(self, decoder: nn.Module | None) -> bool:
+        """Whether `masked_lm_loss` applies: a whole (unsharded) linear vocabulary projection whose output is the
+        head's output, checked once on two random rows."""
+        weight = getattr(decoder, "weight", None)
+        if (not isinstance(decoder, nn.Linear) or type(weight.data) is not torch.Tensor
+                or weight.shape != (decoder.out_features, decoder.in_features)):
+            return False
+        if self._head_split is None:
+            with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+                probe = torch.randn(2, decoder.in_features, device=weight.device, dtype=weight.dtype)
+                self._head_split = torch.allclose(decoder(self._head_features(probe, decoder)),
+                                                  self.mlm_head(probe.unsqueeze(0)).squeeze(0), atol=1e-5)
+        return self._head_split
+
+    def _predicted_rows(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Final hidden states where `mlm_labels` is not -100 (or at `mlm_positions`, batch × k indices whose
+        extra entries carry label -100: static shapes for torch.compile), in `masked_targets` order."""
         mask = batch.get("attention_mask")
         if mask is not None and not torch.compiler.is_compiling() and bool(mask.all()):
             mask = None  # full packed blocks: SDPA's fastest kernels
         last = self._sparse_last_layer(batch)
-        rows = self._full_encoder_rows(batch, mask) if last is None else self._sparse_last_rows(batch, mask, last)
-        return self.mlm_head(rows.unsqueeze(0)).squeeze(0), rows
+        return self._full_encoder_rows(batch, mask) if last is None else self._sparse_last_rows(batch, mask, last)
 
     def _full_encoder_rows(self, batch: dict[str, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
         """Final hidden states of the predicted rows, in `masked_targets` order, after the whole encoder."""
@@ -247,8 +289,14 @@ class TextModel(nn.Module):
         self._features = x[:, 0] if x.dim() == 3 else x
 
     def forward(self, batch: dict[str, torch.Tensor], output_hidden_states: bool = False,
-                output_attentions: bool = False) -> Output:
+                output_attentions: bool = False, fused_loss: bool = False) -> Output:
+        """Logits, or with `sparse_mlm` those of the predicted rows only; with `fused_loss` too, when training
+        (and not compiling), the loss and top token ids of `masked_lm_loss` instead, where the head allows."""
         if self.sparse_mlm and "mlm_labels" in batch and not (output_hidden_states or output_attentions):
+            if fused_loss and self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                fused = self.masked_lm_loss(batch)
+                if fused is not None:
+                    return fused
             return Output(*self.masked_lm_logits(batch))
         out = self.net(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                        output_hidden_states=output_hidden_states, output_attentions=output_attentions)

@@ -60,21 +60,29 @@ class MLMTask(Task):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (predicted positions × vocabulary) and their target ids."""
-        logits = self.model(batch).logits
-        if not self.sparse_head:  # the full batch × length × vocabulary logits, then the predicted rows
-            index = batch.get("mlm_positions")
-            logits = (logits[batch["mlm_labels"] != IGNORE_INDEX] if index is None else
-                      logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1])).flatten(0, 1))
-        return logits, masked_targets(batch)
+        return self._predicted_logits(self.model(batch).logits, batch), masked_targets(batch)
+
+    def _predicted_logits(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.sparse_head:
+            return logits
+        index = batch.get("mlm_positions")  # the full batch × length × vocabulary logits: keep the predicted rows
+        return (logits[batch["mlm_labels"] != IGNORE_INDEX] if index is None else
+                logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1])).flatten(0, 1))
 
     def _step(self, batch: dict[str, torch.Tensor], split: str) -> tuple[torch.Tensor, torch.Tensor, int]:
-        logits, targets = self(batch)
+        """Loss, what accuracy scores (logits, or the top token ids when training takes the model's fused
+        loss) and the number of predicted tokens."""
+        out, targets = self.model(batch, fused_loss=split == "train"), masked_targets(batch)
         n = int((targets != IGNORE_INDEX).sum())
-        if n == 0:  # a batch of a few short documents can draw no mask: a zero loss, not NaN
-            return logits.sum() * 0.0, logits, 0
-        loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
-        self.acc[f"{split}_acc"].update(logits, targets)
-        return loss, logits, n
+        if out.loss is not None:
+            loss, scores = out.loss, out.predictions
+        else:
+            scores = self._predicted_logits(out.logits, batch)
+            # a batch of a few short documents can draw no mask: a zero loss, not NaN
+            loss = F.cross_entropy(scores.float(), targets, ignore_index=IGNORE_INDEX) if n else scores.sum() * 0.0
+        if n:
+            self.acc[f"{split}_acc"].update(scores, targets)
+        return loss, scores, n
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _, n = self._step(batch, "train")

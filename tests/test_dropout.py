@@ -81,3 +81,28 @@ def test_text_models_use_it_and_save_stock_files(tmp_path: Path) -> None:
     with torch.no_grad():
         theirs = stock(**batch).logits
     assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_training_attention_reads_the_models_padding_mask(monkeypatch) -> None:
+    """Training takes the CPU attention with the masks transformers builds; keeping everything (and p ~ 0) it
+    must give what the stock attention gives in eval mode, padding included."""
+    import tunelab.models.dropout as cpu_dropout
+
+    tokenizer = train_wordpiece([f"word{i} and more words here" for i in range(200)], vocab_size=100)
+    model = TextModel("masked_lm", tokenizer=tokenizer, hidden_size=32, num_layers=2, num_heads=2,
+                      intermediate_size=64, max_position_embeddings=64, dropout=1e-6)
+    batch = {"input_ids": torch.randint(5, 100, (3, 12)), "attention_mask": torch.ones(3, 12, dtype=torch.long)}
+    batch["attention_mask"][0, 7:] = 0
+    calls = []
+
+    def keep_all(shape, p, device):
+        calls.append(tuple(shape))
+        return torch.ones(shape, dtype=torch.bool, device=device)
+
+    monkeypatch.setattr(cpu_dropout, "keep_mask", keep_all)
+    with torch.no_grad():
+        trained = model.train()(batch).logits
+        stock = model.eval()(batch).logits
+    assert (3, 2, 12, 12) in calls  # the attention weights went through the CPU path
+    keep = batch["attention_mask"].bool()
+    assert torch.allclose(trained[keep], stock[keep], atol=1e-4)

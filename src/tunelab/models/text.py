@@ -25,7 +25,6 @@ from transformers import (
 from tunelab.data.collators import IGNORE_INDEX
 from tunelab.errors import TunelabError
 from tunelab.models.dropout import ATTENTION, scaled_dot_product_attention, use_cpu_dropout
-from tunelab.models.linear_cross_entropy import linear_cross_entropy
 
 HEADS = {"classifier": AutoModelForSequenceClassification, "masked_lm": AutoModelForMaskedLM}
 
@@ -39,15 +38,13 @@ def masked_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @dataclass
 class Output:
-    """What every backbone returns: class logits and the features the head saw. A masked LM training on the
-    predicted rows returns their mean loss and top token ids instead of logits (see `masked_lm_loss`)."""
+    """What every backbone returns: class logits and the features the head saw (a masked LM asked not to
+    project: no logits, and the features its vocabulary projection would see)."""
 
     logits: torch.Tensor | None
     features: torch.Tensor
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
-    loss: torch.Tensor | None = None
-    predictions: torch.Tensor | None = None
 
 
 def check_pretrained(source: str) -> str:
@@ -120,8 +117,8 @@ class TextModel(nn.Module):
         if gradient_checkpointing:
             self.net.gradient_checkpointing_enable()
         self._features: torch.Tensor | None = None
-        # masked LM: when true (and the batch has `mlm_labels`), `forward` returns logits for the predicted
-        # positions only, rows in `masked_targets` order; the MLM task turns it on
+        # masked LM: when true (and the batch has `mlm_labels`), `forward` runs the head on the predicted
+        # positions only; the MLM task turns it on
         self.sparse_mlm = False
         self._head_split: bool | None = None  # masked LM: whether its head splits before the vocabulary projection
         if head == "classifier":
@@ -174,28 +171,15 @@ class TextModel(nn.Module):
             "the full-vocabulary logits instead"
         )
 
-    def masked_lm_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Vocabulary logits for the predicted positions only (rows in `masked_targets` order), and the hidden
-        states the head saw; never the batch × length × vocabulary tensor."""
-        rows = self._predicted_rows(batch)
-        return self.mlm_head(rows.unsqueeze(0)).squeeze(0), rows
+    @property
+    def vocab_projection(self) -> nn.Module:
+        """The masked-LM head's last module: hidden states to vocabulary logits (the output embeddings)."""
+        return self.net.get_output_embeddings()
 
-    def masked_lm_loss(self, batch: dict[str, torch.Tensor]) -> Output | None:
-        """Mean cross-entropy over the predicted rows and their top token ids, the head's vocabulary projection
-        fused with the loss (`linear_cross_entropy`: no logits kept, backward is two matrix products). None
-        where the head cannot be split before that projection: its weights sharded (FSDP, ZeRO-3), or the head
-        doing more after it."""
-        decoder = self.net.get_output_embeddings()
-        if not self._splittable_head(decoder):
-            return None
-        rows = self._predicted_rows(batch)
-        loss, predictions = linear_cross_entropy(self._head_features(rows, decoder), decoder.weight, decoder.bias,
-                                                 masked_targets(batch))
-        return Output(None, rows, loss=loss, predictions=predictions)
-
-    def _head_features(self, rows: torch.Tensor, decoder: nn.Module) -> torch.Tensor:
+    def _head_features(self, rows: torch.Tensor) -> torch.Tensor:
         """The MLM head's output without its last module, the vocabulary projection (BERT's and RoBERTa's
         transform: dense, activation, layer norm), by running the head with that module as an identity."""
+        decoder = self.vocab_projection
         parent, name = next((m, n) for m in self.mlm_head.modules() for n, c in m.named_children() if c is decoder)
         setattr(parent, name, nn.Identity())
         try:
@@ -203,9 +187,10 @@ class TextModel(nn.Module):
         finally:
             setattr(parent, name, decoder)
 
-    def _splittable_head(self, decoder: nn.Module | None) -> bool:
-        """Whether `masked_lm_loss` applies: a whole (unsharded) linear vocabulary projection whose output is the
-        head's output, checked once on two random rows."""
+    def _splittable_head(self) -> bool:
+        """Whether the head can stop before its vocabulary projection: a whole (unsharded) linear layer whose
+        output is the head's output, checked once on two random rows."""
+        decoder = self.vocab_projection
         weight = getattr(decoder, "weight", None)
         if (not isinstance(decoder, nn.Linear) or type(weight.data) is not torch.Tensor
                 or weight.shape != (decoder.out_features, decoder.in_features)):
@@ -213,7 +198,7 @@ class TextModel(nn.Module):
         if self._head_split is None:
             with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
                 probe = torch.randn(2, decoder.in_features, device=weight.device, dtype=weight.dtype)
-                self._head_split = torch.allclose(decoder(self._head_features(probe, decoder)),
+                self._head_split = torch.allclose(decoder(self._head_features(probe)),
                                                   self.mlm_head(probe.unsqueeze(0)).squeeze(0), atol=1e-5)
         return self._head_split
 
@@ -289,15 +274,16 @@ class TextModel(nn.Module):
         self._features = x[:, 0] if x.dim() == 3 else x
 
     def forward(self, batch: dict[str, torch.Tensor], output_hidden_states: bool = False,
-                output_attentions: bool = False, fused_loss: bool = False) -> Output:
-        """Logits, or with `sparse_mlm` those of the predicted rows only; with `fused_loss` too, when training
-        (and not compiling), the loss and top token ids of `masked_lm_loss` instead, where the head allows."""
+                output_attentions: bool = False, project: bool = True) -> Output:
+        """Logits; with `sparse_mlm` (and `mlm_labels` in the batch) those of the predicted rows only, in
+        `masked_targets` order, never the batch × length × vocabulary tensor. `project=False` returns no
+        logits but the head's output before its vocabulary projection, for a loss fused with that projection,
+        where the head allows it (and not while compiling)."""
         if self.sparse_mlm and "mlm_labels" in batch and not (output_hidden_states or output_attentions):
-            if fused_loss and self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-                fused = self.masked_lm_loss(batch)
-                if fused is not None:
-                    return fused
-            return Output(*self.masked_lm_logits(batch))
+            rows = self._predicted_rows(batch)
+            if not project and not torch.compiler.is_compiling() and self._splittable_head():
+                return Output(None, self._head_features(rows))
+            return Output(self.mlm_head(rows.unsqueeze(0)).squeeze(0), rows)
         out = self.net(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                        output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         features, self._features = self._features, None

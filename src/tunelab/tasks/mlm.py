@@ -2,8 +2,9 @@
 
 The collator picks the tokens to predict (`mlm_labels`); this task runs the encoder and the model's
 own MLM head on those positions only (`sparse_head`), so the batch × length × vocabulary logits the
-reference recipe builds are never computed. Validation reports loss, masked-token accuracy and
-perplexity, and shows a few masked sentences with the model's top-3 guesses in TensorBoard.
+reference recipe builds are never computed. In training the head's vocabulary projection is fused with
+the cross-entropy, so not even the predicted rows' logits are kept. Validation reports loss, masked-token
+accuracy and perplexity, and shows a few masked sentences with the model's top-3 guesses in TensorBoard.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torchmetrics import MeanMetric, MinMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from tunelab.errors import TunelabError
+from tunelab.models.linear_cross_entropy import linear_cross_entropy
 from tunelab.models.text import IGNORE_INDEX, masked_targets
 from tunelab.tasks.base import Task
 
@@ -70,12 +72,15 @@ class MLMTask(Task):
                 logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1])).flatten(0, 1))
 
     def _step(self, batch: dict[str, torch.Tensor], split: str) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Loss, what accuracy scores (logits, or the top token ids when training takes the model's fused
-        loss) and the number of predicted tokens."""
-        out, targets = self.model(batch, fused_loss=split == "train"), masked_targets(batch)
+        """Loss, what accuracy scores (logits, or the top token ids of the fused loss) and the number of
+        predicted tokens. Training fuses the head's vocabulary projection with the cross-entropy where the
+        model allows (`linear_cross_entropy`: no logits kept); validation keeps the logits for the top-3 panel."""
+        out = self.model(batch, project=not (split == "train" and self.sparse_head))
+        targets = masked_targets(batch)
         n = int((targets != IGNORE_INDEX).sum())
-        if out.loss is not None:
-            loss, scores = out.loss, out.predictions
+        if out.logits is None:
+            projection = self.model.vocab_projection
+            loss, scores = linear_cross_entropy(out.features, projection.weight, projection.bias, targets)
         else:
             scores = self._predicted_logits(out.logits, batch)
             # a batch of a few short documents can draw no mask: a zero loss, not NaN

@@ -351,6 +351,16 @@ def test_mlm_variants_run(make_cfg, corpus_file: Path, extra: list[str]) -> None
     assert np.isfinite(metrics["val/perplexity"]) and 0 <= metrics["test/acc"] <= 1
 
 
+@pytest.mark.slow
+def test_mlm_compiles_with_fixed_count(make_cfg, corpus_file: Path) -> None:
+    """`compile=true` traces the stock logits and dropout (the fused loss and CPU dropout step aside)."""
+    cfg = mlm_cfg(make_cfg, corpus_file, "model.hidden_size=32", "data.vocab_size=200", "compile=true",
+                  "data.collator.fixed_count=true", "trainer.limit_train_batches=4")
+    run(cfg)
+    metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())["metrics"]
+    assert np.isfinite(metrics["val/perplexity"]) and np.isfinite(metrics["test/perplexity"])
+
+
 def test_validation_masks_repeat_training_masks_do_not(make_cfg, corpus_file: Path) -> None:
     from hydra.utils import instantiate
 

@@ -68,9 +68,12 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
 def sdpa_cpu_dropout(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' `sdpa` attention, except for non-causal attention with dropout on CPU (query, key and
-    value with the same heads), which takes `scaled_dot_product_attention` above."""
-    if not _fast(query, dropout) or getattr(module, "is_causal", False) or key.shape[1] != query.shape[1]:
+    """transformers' `sdpa` attention, except for plain attention with dropout on CPU (not causal, no position
+    bias or soft-capping, query, key and value with the same heads), which takes `scaled_dot_product_attention`
+    above."""
+    special = kwargs.get("is_causal") or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
+    if (not _fast(query, dropout) or special or getattr(module, "is_causal", False)
+            or key.shape[1] != query.shape[1]):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     out = scaled_dot_product_attention(query, key, value, attention_mask, dropout, scaling)

@@ -29,11 +29,20 @@ from tunelab.models.dropout import ATTENTION, scaled_dot_product_attention, use_
 HEADS = {"classifier": AutoModelForSequenceClassification, "masked_lm": AutoModelForMaskedLM}
 
 
+def at_predicted(x: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The rows of `x` (batch × length × ...) at the predicted positions, flattened in one order for labels,
+    hidden states and logits: where `mlm_labels` is not -100, or at `mlm_positions` (batch × k indices whose
+    extra entries carry label -100: static shapes for torch.compile)."""
+    positions = batch.get("mlm_positions")
+    if positions is None:
+        return x[batch["mlm_labels"] != IGNORE_INDEX]
+    index = positions.view(*positions.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:])
+    return x.gather(1, index).flatten(0, 1)
+
+
 def masked_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The token ids to predict, one per row of the sparse MLM logits (-100 on `mlm_positions` padding)."""
-    labels = batch["mlm_labels"]
-    positions = batch.get("mlm_positions")
-    return labels[labels != IGNORE_INDEX] if positions is None else labels.gather(1, positions).flatten()
+    return at_predicted(batch["mlm_labels"], batch)
 
 
 @dataclass
@@ -203,8 +212,7 @@ class TextModel(nn.Module):
         return self._head_split
 
     def _predicted_rows(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Final hidden states where `mlm_labels` is not -100 (or at `mlm_positions`, batch × k indices whose
-        extra entries carry label -100: static shapes for torch.compile), in `masked_targets` order."""
+        """Final hidden states of the predicted rows (`at_predicted`), in `masked_targets` order."""
         mask = batch.get("attention_mask")
         if mask is not None and not torch.compiler.is_compiling() and bool(mask.all()):
             mask = None  # full packed blocks: SDPA's fastest kernels
@@ -213,11 +221,7 @@ class TextModel(nn.Module):
 
     def _full_encoder_rows(self, batch: dict[str, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
         """Final hidden states of the predicted rows, in `masked_targets` order, after the whole encoder."""
-        hidden = self.net.base_model(input_ids=batch["input_ids"], attention_mask=mask)[0]
-        positions = batch.get("mlm_positions")
-        if positions is None:
-            return hidden[batch["mlm_labels"] != IGNORE_INDEX]
-        return hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])).flatten(0, 1)
+        return at_predicted(self.net.base_model(input_ids=batch["input_ids"], attention_mask=mask)[0], batch)
 
     def _sparse_last_layer(self, batch: dict[str, torch.Tensor]) -> nn.Module | None:
         """The last encoder layer when it is a plain BERT/RoBERTa layer under SDPA attention, so that only the

@@ -21,7 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from tunelab.errors import TunelabError
 from tunelab.models.linear_cross_entropy import linear_cross_entropy
-from tunelab.models.text import IGNORE_INDEX, masked_targets
+from tunelab.models.text import IGNORE_INDEX, at_predicted, masked_targets
 from tunelab.tasks.base import Task
 
 TOP_K = 3
@@ -65,11 +65,8 @@ class MLMTask(Task):
         return self._predicted_logits(self.model(batch).logits, batch), masked_targets(batch)
 
     def _predicted_logits(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.sparse_head:
-            return logits
-        index = batch.get("mlm_positions")  # the full batch × length × vocabulary logits: keep the predicted rows
-        return (logits[batch["mlm_labels"] != IGNORE_INDEX] if index is None else
-                logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1])).flatten(0, 1))
+        """The sparse head's logits as they are; of the full batch × length × vocabulary logits, the predicted rows."""
+        return logits if self.sparse_head else at_predicted(logits, batch)
 
     def _step(self, batch: dict[str, torch.Tensor], split: str) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Loss, what accuracy scores (logits, or the top token ids of the fused loss) and the number of
@@ -137,7 +134,7 @@ class MLMTask(Task):
             return
         labels = batch["mlm_labels"]
         if "mlm_positions" in batch:  # logits follow the position lists; keep the real predictions only
-            logits = logits[labels.gather(1, batch["mlm_positions"]).flatten() != IGNORE_INDEX]
+            logits = logits[masked_targets(batch) != IGNORE_INDEX]
         rows = int((labels[:k] != IGNORE_INDEX).sum())
         top = logits[:rows].float().softmax(-1).topk(TOP_K, dim=-1)
         self._examples = {"input_ids": batch["input_ids"][:k].cpu(), "labels": labels[:k].cpu(),

@@ -315,13 +315,21 @@ def test_finetune_starts_from_the_mlm_model(mlm_run: Path, make_cfg) -> None:
 
 
 def test_transfer_recipe_chains_pretraining_into_fine_tuning(tmp_path: Path) -> None:
-    """The recipe's two experiments, cut to a few steps: step 2 loads step 1's model and draws 256 reviews a class."""
+    """The recipe's three steps, cut to a few batches: pretrain, continue that model, fine-tune on 256 reviews a class."""
     from hydra.utils import instantiate
 
     pretrain = compose_cfg([*FAST, "experiment=reviews_mlm_pretrain", "model.num_layers=1"], tmp_path / "mlm")
     assert pretrain.model.hidden_size == 256 and not pretrain.data.pack
     run(pretrain)
-    model_dir = Path(pretrain.paths.output_dir) / "model"
+    first = Path(pretrain.paths.output_dir) / "model"
+    resume = compose_cfg([*FAST, "experiment=reviews_mlm_pretrain", "model=hf", f"model.pretrained={first}"],
+                         tmp_path / "mlm_continued")
+    run(resume)
+    model_dir = Path(resume.paths.output_dir) / "model"
+    assert AutoTokenizer.from_pretrained(model_dir).vocab == AutoTokenizer.from_pretrained(first).vocab
+    weights = [AutoModelForMaskedLM.from_pretrained(d).bert.embeddings.word_embeddings.weight for d in (first, model_dir)]
+    change = (weights[1] - weights[0]).abs().max()
+    assert 0 < change < 0.01  # started from step 1's weights (a fresh init differs by ~0.1), then trained
     finetune = compose_cfg([*FAST, "experiment=reviews_finetune_small", "model=hf", f"model.pretrained={model_dir}",
                             "seed=2"], tmp_path / "finetune")
     run(finetune)

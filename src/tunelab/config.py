@@ -126,8 +126,8 @@ def validate(node: Any, path: str = "") -> None:
 
 def check_required(cfg: DictConfig) -> None:
     """Required values (`???`) must be given on the command line or in an experiment."""
-    missing = sorted(
-        f"{key}.{sub}" for key in cfg if key != "hydra" and isinstance(cfg[key], DictConfig)
+    missing = sorted(  # missing_keys gives full paths (`data.train_file`); the hydra node is not the user's
+        sub for key in cfg if key != "hydra" and isinstance(cfg[key], DictConfig)
         for sub in OmegaConf.missing_keys(cfg[key])
     )
     if missing:

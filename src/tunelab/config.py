@@ -1,7 +1,7 @@
 """Config helpers: the resolvers Hydra needs before it composes, and validation before anything runs.
 
 `run_dir` puts each run in its own folder (timestamp + process id, so two runs started in the
-same second never share one) and sends `ckpt_path=last` back into the newest run of that task.
+same second never share one) and sends `ckpt_path=last` back into the run it may continue (`runs`).
 `validate` checks every `_target_` node against its signature, so a misspelt key in a YAML file
 fails with the valid keys listed instead of a TypeError halfway through start-up.
 """
@@ -11,31 +11,16 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from tunelab import runs
 from tunelab.errors import TunelabError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-
-
-def newest_run(task_dir: Path) -> Path | None:
-    """The most recently checkpointed run of a task (the one `ckpt_path=last` resumes)."""
-    lasts = sorted(task_dir.glob("runs/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    return lasts[-1].parent.parent if lasts else None
-
-
-def run_dir(log_dir: str, task_name: str, ckpt_path: Any = None) -> str:
-    """A fresh run folder, or the newest run's folder when resuming with `ckpt_path=last`."""
-    task_dir = Path(log_dir) / task_name
-    if ckpt_path == "last" and (found := newest_run(task_dir)) is not None:
-        return str(found)
-    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    return str(task_dir / "runs" / f"{stamp}_{os.getpid()}")
 
 
 def embedded(name: str, root: str) -> str:
@@ -82,7 +67,9 @@ def build(node: Any, **kwargs: Any) -> Any:
 
 
 def register_resolvers() -> None:
-    for name, fn in (("run_dir", run_dir), ("embedded", embedded), ("cwd", os.getcwd)):
+    resolvers = (("run_dir", runs.run_dir), ("output_subdir", runs.output_subdir), ("embedded", embedded),
+                 ("cwd", os.getcwd))
+    for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn, use_cache=True)
 

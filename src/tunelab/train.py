@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from tunelab import distributed
+from tunelab import distributed, runs
+from tunelab.checkpoints import AtomicCheckpointIO, ResumeState, scalars
 from tunelab.config import build, check_required, register_resolvers, validate
 from tunelab.errors import TunelabError
 
@@ -34,8 +36,16 @@ def run(cfg: DictConfig) -> float | None:
     check_required(cfg)
     validate(cfg)
     out = Path(cfg.paths.output_dir)
-    L.seed_everything(cfg.seed, workers=True)
+    primary = runs.is_primary_process()
+    resumed = runs.claim(out, cfg.get("ckpt_path")) if primary else False
+    try:
+        return _run(cfg, out, resumed, primary)
+    finally:
+        runs.release(out)
 
+
+def _run(cfg: DictConfig, out: Path, resumed: bool, primary: bool) -> float | None:
+    L.seed_everything(cfg.seed, workers=True)
     datamodule = build(cfg.data)
     check_modalities(cfg, datamodule)
     datamodule.prepare_data()
@@ -46,14 +56,16 @@ def run(cfg: DictConfig) -> float | None:
 
     ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), out)
     if ckpt_path:
-        check_checkpoint_fits(ckpt_path, task)
-    callbacks = [build(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+        check_checkpoint(ckpt_path, task, cfg, resumed)
+    resume_state = ResumeState()
+    callbacks = [build(c) for c in cfg.get("callbacks", {}).values() if c is not None] + [resume_state]
     loggers = [build(c) for c in cfg.get("logger", {}).values() if c is not None]
     if not loggers:  # logger=none: drop the callbacks that only exist to log
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     if not cfg.trainer.get("enable_progress_bar", True):  # the switch alone turns the bar off, no clash
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                               plugins=checkpoint_plugins(cfg))
     log_hparams(loggers, cfg)
 
     if cfg.get("train", True):
@@ -64,18 +76,31 @@ def run(cfg: DictConfig) -> float | None:
                 "(expected at least one batch; check trainer.limit_train_batches, data.batch_size and the size "
                 "of the train split)"
             )
-    metrics = dict(trainer.callback_metrics)
+    # a run resumed after its last training step logs nothing new in fit: its earlier metrics come back
+    metrics = {**resume_state.metrics, **scalars(trainer.callback_metrics)}
     if cfg.get("test", True):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         # train=false ckpt_path=<file>: evaluate that checkpoint
         trainer.test(task, datamodule=datamodule, ckpt_path=best or ckpt_path or None, weights_only=True)
-        metrics.update(trainer.callback_metrics)
+        metrics.update(scalars(trainer.callback_metrics))
 
     export_task = gather_for_export(cfg, task, datamodule, trainer)
+    # an evaluation-only run (train=false) has no validation metric to return
+    value = metric_value(metrics, cfg.get("optimized_metric") if cfg.get("train", True) else None)
     if trainer.is_global_zero:
         write_artifacts(out, cfg, export_task, metrics, trainer)
-    # an evaluation-only run (train=false) has no validation metric to return
-    return metric_value(metrics, cfg.get("optimized_metric") if cfg.get("train", True) else None)
+        if primary:
+            runs.finish(out)
+            point_latest(out, Path(cfg.paths.log_dir) / cfg.task_name / "latest")
+            log.info("run finished: %s", out)
+    return value
+
+
+def checkpoint_plugins(cfg: DictConfig) -> list:
+    """Atomic checkpoint writes, where the strategy uses Lightning's own checkpoint IO."""
+    strategy = cfg.trainer.get("strategy")
+    own_io = isinstance(strategy, str) and strategy in ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true")
+    return [AtomicCheckpointIO()] if own_io else []
 
 
 def check_modalities(cfg: DictConfig, datamodule: Any) -> None:
@@ -91,20 +116,22 @@ def check_modalities(cfg: DictConfig, datamodule: Any) -> None:
 
 
 def resolve_checkpoint(ckpt_path: str | None, out: Path) -> str | None:
-    """`last` means this run folder's last.ckpt (run_dir already picked the newest run)."""
+    """`last` means this run folder's last.ckpt (`runs.run_dir` already picked the run to continue)."""
     if not ckpt_path:
         return None
     path = out / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path).expanduser()
+    if ckpt_path == "last" and not path.is_file():
+        return None  # the newest run was killed before its first checkpoint: this is a new run
     if not path.is_file():
-        what = "no earlier run of this task has checkpoints/last.ckpt" if ckpt_path == "last" else "file not found"
-        raise TunelabError(f"ckpt_path={ckpt_path}: {what} ({path}; expected a Lightning .ckpt file)")
+        raise TunelabError(f"ckpt_path={ckpt_path}: file not found ({path}; expected a Lightning .ckpt file)")
     return str(path)
 
 
-def check_checkpoint_fits(path: str, task: L.LightningModule) -> None:
-    """Compare tensor names and shapes before fitting, so a mismatch is one clear message."""
+def check_checkpoint(path: str, task: L.LightningModule, cfg: DictConfig, resumed: bool) -> None:
+    """Before fitting: the checkpoint's tensors fit this task, and a new run from it has training left."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        state = checkpoint["state_dict"]
     except Exception as e:
         raise TunelabError(f"ckpt_path={path}: not a readable Lightning checkpoint ({e})") from None
     own = task.state_dict()
@@ -118,6 +145,25 @@ def check_checkpoint_fits(path: str, task: L.LightningModule) -> None:
             if keys
         )
         raise TunelabError(f"ckpt_path={path}: checkpoint does not fit this task/model ({detail})")
+    if cfg.get("train", True) and not resumed:
+        check_training_left(path, checkpoint, cfg)
+
+
+def check_training_left(path: str, checkpoint: dict, cfg: DictConfig) -> None:
+    """A new run from a checkpoint that already reached this run's budget would train nothing."""
+    max_epochs, max_steps = cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps", -1)
+    epochs_done = (checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
+                   .get("current", {}).get("processed", 0))
+    steps_done = checkpoint.get("global_step", 0)
+    by_steps = max_steps is not None and max_steps > 0
+    if (steps_done >= max_steps) if by_steps else (max_epochs is not None and epochs_done >= max_epochs):
+        budget = f"trainer.max_steps={max_steps}" if by_steps else f"trainer.max_epochs={max_epochs}"
+        more = f"trainer.max_steps={steps_done * 2}" if by_steps else f"trainer.max_epochs={epochs_done + 5}"
+        raise TunelabError(
+            f"ckpt_path={path}: the checkpoint has trained {epochs_done} epoch(s), {steps_done} step(s), which "
+            f"is already {budget}; nothing is left to train. To train longer, raise the budget (e.g. {more}: a "
+            "new run continues from it); to evaluate it, add train=false"
+        )
 
 
 def log_hparams(loggers: list, cfg: DictConfig) -> None:
@@ -167,16 +213,17 @@ def gather_for_export(cfg: DictConfig, task: L.LightningModule, datamodule: Any,
 
 
 def write_artifacts(out: Path, cfg: DictConfig, task: Any, metrics: dict, trainer: L.Trainer) -> None:
-    """metrics.json, model/ in its ecosystem's format, and the task's `latest` pointer."""
-    values = {k: float(v) for k, v in metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    """metrics.json and model/ in its ecosystem's format, each replaced whole (never left half-written)."""
     ckpt = trainer.checkpoint_callback
-    values_file = {"metrics": values, "best_checkpoint": ckpt.best_model_path if ckpt else None,
+    values_file = {"metrics": metrics, "best_checkpoint": ckpt.best_model_path if ckpt else None,
                    "task": cfg.task_name}
-    (out / "metrics.json").write_text(json.dumps(values_file, indent=2, sort_keys=True))
+    runs.write_atomic(out / "metrics.json", json.dumps(values_file, indent=2, sort_keys=True))
     if hasattr(task, "export"):
-        task.export(str(out / "model"))
-    point_latest(out, Path(cfg.paths.log_dir) / cfg.task_name / "latest")
-    log.info("run finished: %s", out)
+        tmp = out / f".model.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        task.export(str(tmp))
+        shutil.rmtree(out / "model", ignore_errors=True)  # an earlier, interrupted export of this run
+        os.replace(tmp, out / "model")
 
 
 def point_latest(target: Path, link: Path) -> None:

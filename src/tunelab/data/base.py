@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from lightning import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from tunelab.errors import TunelabError
 
@@ -17,6 +20,54 @@ def eval_sampler(dataset: Dataset) -> Sampler | None:
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return None
     return UnrepeatedDistributedSampler(dataset, shuffle=False)
+
+
+class EpochShuffle(Sampler[int]):
+    """A random order per epoch that depends on (seed, epoch) alone, and can resume in the middle.
+
+    Lightning calls `set_epoch` before each epoch; the order is drawn on the first index asked for, so a
+    resumed run gets the same order as the uninterrupted run whatever else drew random numbers. Its
+    state (epoch, samples handed out) travels in the checkpoint through `StatefulDataLoader`.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed = size, seed
+        self.epoch, self.yielded, self._skip = 0, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self._skip = epoch, 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        self.yielded, self._skip = self._skip, 0
+        for index in order[self.yielded:]:
+            self.yielded += 1
+            yield index
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "yielded": self.yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self._skip = state["epoch"], state["yielded"]
+
+    def restart_epoch(self) -> None:
+        """Forget a loaded position: the checkpoint was taken at the end of an epoch."""
+        self._skip = 0
+
+
+def train_loader(dataset: Dataset, stream: int = 0, **kwargs: Any) -> StatefulDataLoader:
+    """A shuffling loader that can stop and resume mid-epoch: Lightning saves its position in every
+    checkpoint. The order comes from the run's seed (plus `stream` for a second loader of the same run)
+    and the epoch, and the workers' seeds from the loader's own generator: neither takes a number from
+    the global RNG, whose state the checkpoint restores exactly."""
+    seed = torch.initial_seed() + stream
+    return StatefulDataLoader(dataset, sampler=EpochShuffle(len(dataset), seed),
+                              generator=torch.Generator().manual_seed(seed), **kwargs)
 
 
 class IndexedDataset(Dataset):
@@ -61,15 +112,11 @@ class SplitDataModule(LightningDataModule):
             raise TunelabError(f"no {split} split (give data.{split}_file / a {split}/ folder, or a non-zero "
                                f"data.{split}_fraction)")
         dataset = IndexedDataset(self.datasets[split]) if self.with_index else self.datasets[split]
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            shuffle=shuffle,
-            sampler=None if shuffle else eval_sampler(dataset),
-            collate_fn=self.collate_fn(),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        common = {"collate_fn": self.collate_fn(), "num_workers": self.num_workers,
+                  "persistent_workers": self.num_workers > 0}
+        if shuffle:
+            return train_loader(dataset, batch_size=self.batch_size, **common)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=eval_sampler(dataset), **common)
 
     def train_dataloader(self) -> DataLoader:
         return self.loader("train", shuffle=True)

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
 from tunelab.data.augment import TokenNoise
-from tunelab.data.base import SplitDataModule
+from tunelab.data.base import SplitDataModule, train_loader
 from tunelab.data.tokenizer import cached_wordpiece
 from tunelab.errors import TunelabError
 
@@ -192,10 +192,10 @@ class DomainPairDataModule(LightningDataModule):
             collate = TokenNoise(collate, dm.tokenizer, **self.token_noise)
         dataset = dm.datasets["train"]
         ranks = self.trainer.world_size if self.trainer is not None else 1  # each rank gets its share
-        return DataLoader(
+        return train_loader(
             dataset,
+            stream=0 if role == "source" else 1,
             batch_size=dm.batch_size,
-            shuffle=True,
             drop_last=len(dataset) // ranks > dm.batch_size,  # no 1-sample batch for batch norm to choke on
             collate_fn=collate,
             num_workers=dm.num_workers,

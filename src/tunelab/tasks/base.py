@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from lightning import LightningModule
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight", "bn.weight", "ln")
@@ -55,6 +55,23 @@ class Task(LightningModule):
         self.scheduler_factory = scheduler
         self.backbone_lr_mult = backbone_lr_mult
         self.freeze_backbone = freeze_backbone
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Metric accumulators and trackers (`val/acc_best`...) travel with the checkpoint: torchmetrics keeps
+        them out of `state_dict`, and a resumed run must go on from the same best and the same partial epoch."""
+        checkpoint["metric_states"] = {
+            name: {"state": dict(m.metric_state), "updates": m._update_count}
+            for name, m in self.named_modules() if isinstance(m, Metric)
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("metric_states", {})
+        for name, m in self.named_modules():
+            if isinstance(m, Metric) and name in saved:
+                for key, value in saved[name]["state"].items():
+                    on = m.device
+                    setattr(m, key, [v.to(on) for v in value] if isinstance(value, list) else value.to(on))
+                m._update_count, m._computed = saved[name]["updates"], None
 
     def lr_groups(self) -> list[tuple[str, nn.Module, float, Callable[[str], bool]]]:
         """(group name, module, lr multiplier, keep(param name)); override to give parts their own rate."""

@@ -113,5 +113,3 @@ def test_two_runs_never_share_a_folder(tmp_path: Path) -> None:
     with mp.get_context("spawn").Pool(2, maxtasksperchild=1) as pool:  # two processes, as two users would
         dirs = pool.starmap(run_dir, [(str(tmp_path), "finetune", None)] * 2)
     assert dirs[0] != dirs[1]
-
-

@@ -8,6 +8,7 @@ input of the model's own classifier, which is the pooled representation for ever
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,10 @@ from tunelab.errors import TunelabError
 from tunelab.models.dropout import ATTENTION, scaled_dot_product_attention, use_cpu_dropout
 
 HEADS = {"classifier": AutoModelForSequenceClassification, "masked_lm": AutoModelForMaskedLM}
+# architectures that number positions from pad_token_id + 1 (fairseq's convention): that many fewer fit
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "data2vec-text",
+                    "roberta-prelayernorm", "xmod", "mpnet", "ibert")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
 
 
 def at_predicted(x: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -72,6 +77,47 @@ def check_pretrained(source: str) -> str:
     return str(path.resolve())
 
 
+def local_config(source: str) -> dict | None:
+    """The config.json of a local model folder; None for a hub name or a folder without a readable one (loading
+    the model then says what is wrong)."""
+    path = Path(source).expanduser() / "config.json"
+    try:
+        config = json.loads(path.read_text()) if path.is_file() and path.stat().st_size < 1 << 20 else None
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def max_tokens(config: dict) -> int | None:
+    """How many tokens one sequence may have: the model's absolute positions (None: no such limit)."""
+    n = config.get("max_position_embeddings", config.get("n_positions"))
+    if not isinstance(n, int) or config.get("position_biased_input") is False:  # DeBERTa: relative positions only
+        return None
+    if config.get("model_type") in OFFSET_POSITIONS:
+        n -= int(config.get("pad_token_id") or 0) + 1
+    return n
+
+
+def _same_folder(a: str, b: str) -> bool:
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return a == b
+
+
+def _own_tokenizer(source: str) -> PreTrainedTokenizerBase | None:
+    """The tokenizer saved in a local model folder, if it has one."""
+    from transformers import AutoTokenizer
+
+    folder = Path(source)
+    if not folder.is_dir() or not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError):
+        return None
+
+
 class TextModel(nn.Module):
     """A `transformers` model with a classification or masked-LM head."""
 
@@ -107,8 +153,10 @@ class TextModel(nn.Module):
             kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
                       "label2id": {name: i for i, name in enumerate(labels)}}
         if pretrained:
-            self.net = self._load(HEADS[head], check_pretrained(str(pretrained)), kwargs, ignore_mismatched_sizes,
-                                  trust_remote_code)
+            source = check_pretrained(str(pretrained))
+            self.net = self._load(HEADS[head], source, kwargs, ignore_mismatched_sizes, trust_remote_code)
+            if tokenizer is not None:
+                self._check_tokenizer(tokenizer, source)
         else:
             if tokenizer is None:
                 raise TunelabError("a from-scratch text model needs a tokenizer to size its vocabulary")
@@ -155,6 +203,28 @@ class TextModel(nn.Module):
                 f"the tokenizer has {len(tokenizer)} tokens but the model's embeddings have {rows} rows "
                 "(expected the tokenizer saved with the model)"
             )
+
+    def _check_tokenizer(self, tokenizer: PreTrainedTokenizerBase, source: str) -> None:
+        """A tokenizer from another folder must be the model's own vocabulary: another one that fits the
+        embeddings would train and predict on the wrong rows without any error."""
+        other = getattr(tokenizer, "name_or_path", "") or "(a tokenizer object)"
+        if _same_folder(other, source):
+            return
+        config, own = self.net.config, _own_tokenizer(source)
+        if own is not None:
+            if own.get_vocab() == tokenizer.get_vocab() and own.pad_token_id == tokenizer.pad_token_id:
+                return
+            detail = (f"{len(tokenizer)} tokens, pad id {tokenizer.pad_token_id}, against the model's own tokenizer's "
+                      f"{len(own)} tokens, pad id {own.pad_token_id}, with other tokens or ids")
+        elif len(tokenizer) == config.vocab_size and tokenizer.pad_token_id == config.pad_token_id:
+            return
+        else:
+            detail = (f"{len(tokenizer)} tokens, pad id {tokenizer.pad_token_id}, against the model's vocab_size="
+                      f"{config.vocab_size}, pad_token_id={config.pad_token_id}")
+        raise TunelabError(
+            f"data.tokenizer={other} does not match model.pretrained={source} ({detail}; expected the tokenizer "
+            f"saved with the model, e.g. data.tokenizer={source})"
+        )
 
     @property
     def classifier(self) -> nn.Module:
@@ -206,7 +276,9 @@ class TextModel(nn.Module):
             return False
         if self._head_split is None:
             with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
-                probe = torch.randn(2, decoder.in_features, device=weight.device, dtype=weight.dtype)
+                # its own generator: a draw from the global one would shift a resumed run's random stream
+                probe = torch.randn(2, decoder.in_features, generator=torch.Generator().manual_seed(0))
+                probe = probe.to(device=weight.device, dtype=weight.dtype)
                 self._head_split = torch.allclose(decoder(self._head_features(probe)),
                                                   self.mlm_head(probe.unsqueeze(0)).squeeze(0), atol=1e-5)
         return self._head_split

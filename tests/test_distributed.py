@@ -1,8 +1,11 @@
-"""ddp_cpu (two gloo processes): runs, sweeps, resume, Optuna resume, exactly-once sampling; FSDP wrapping."""
+"""ddp_cpu (two gloo processes): runs, sweeps, resume, Optuna resume, exactly-once sampling, ranks that die with
+their parent; FSDP wrapping."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -13,10 +16,10 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import ROOT, check_one_ddp_run, finished_trials, run_cli
+from conftest import FAST, ROOT, check_one_ddp_run, finished_trials, run_cli
 from transformers import BertConfig, BertModel
 
-from tunelab.distributed import block_classes
+from tunelab.distributed import PARENT_PID_ENV, block_classes, launched_parent_pid
 
 TINY = ["data=text_files", "model.hidden_size=32", "model.intermediate_size=64", "trainer.max_epochs=1",
         "trainer.enable_progress_bar=false"]
@@ -96,6 +99,117 @@ def test_optuna_search_resumes_after_being_killed(tmp_path: Path, data_file: Pat
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"{done} of 3 trials finished, {3 - done} to run" in again.stdout + again.stderr
     assert len(finished_trials(db)) == 3
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie nobody has reaped yet counts as gone). `ps`: Linux and macOS."""
+    stat = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
+    return bool(stat) and not stat.startswith("Z")
+
+
+def pids_with(*fragments: str) -> list[int]:
+    """Processes whose command line holds every fragment."""
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(line.split(None, 1)[0]) for line in out.splitlines() if all(f in line for f in fragments)]
+
+
+def gone_within(pid: int, seconds: float) -> float | None:
+    """Seconds until `pid` stopped running, or None when it still runs after `seconds`."""
+    start = time.time()
+    while time.time() - start < seconds:
+        if not alive(pid):
+            return time.time() - start
+        time.sleep(0.1)
+    return None
+
+
+@pytest.mark.parametrize("when", ["started", pytest.param("starting", marks=pytest.mark.slow)])
+def test_ddp_rank_dies_when_its_parent_is_killed(tmp_path: Path, data_file: Path, when: str) -> None:
+    """SIGKILL to the launching process (nothing of it can clean up) takes rank 1 with it.
+
+    `started`: rank 1 has begun its job (its log exists), so it already watches its parent. `starting`: rank 1
+    exists but is still importing; it ends as soon as its job begins and finds its parent gone.
+    """
+    long_run = [a for a in FAST if not a.startswith(("trainer.max_epochs", "trainer.limit_train_batches"))]
+    args = ["trainer=ddp_cpu", *TINY[:3], f"data.train_file={data_file}", *long_run, "trainer.max_epochs=1000"]
+    with open(tmp_path / "out.txt", "w") as out:
+        parent = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path,
+                                  env={**os.environ, "TUNELAB_LOG_DIR": str(tmp_path / "logs")},
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, child = time.time() + 240, []
+        while not child and time.time() < deadline and parent.poll() is None:
+            time.sleep(0.1)
+            if when == "starting" or list((tmp_path / "logs" / "finetune" / "runs").glob("*/ddp_rank_1.log")):
+                child = pids_with("hydra.job.name=ddp_rank_1", str(tmp_path))
+        assert child, (tmp_path / "out.txt").read_text()[-3000:]
+        [pid] = child
+        assert alive(pid) and parent.poll() is None  # a long run: neither would end by itself soon
+        parent.kill()
+        parent.wait()
+        # a starting rank first finishes its imports (seconds); without the guard it would live for minutes
+        assert gone_within(pid, 10 if when == "started" else 60) is not None, "rank 1 outlived its parent"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGKILL)  # the session's group: whatever is left of the run
+
+
+GUARDED = textwrap.dedent('''
+    import sys, time
+    from tunelab.distributed import guard_parent
+    guard_parent(int(sys.argv[1]), pdeathsig=sys.argv[2] == "1", interval=0.2)
+    print("guarded", flush=True)
+    time.sleep(600)
+''')
+
+MIDDLE = textwrap.dedent('''
+    import os, subprocess, sys, time
+    child = subprocess.Popen([sys.executable, "-c", sys.argv[1], str(os.getpid()), sys.argv[2]])
+    print(child.pid, flush=True)
+    time.sleep(600)
+''')
+
+
+@pytest.mark.parametrize("pdeathsig", [True, False], ids=["pdeathsig", "watcher-thread"])
+def test_guarded_process_dies_with_its_parent(pdeathsig: bool) -> None:
+    """Both mechanisms alone: the kernel's parent-death signal (Linux) and the portable watcher thread."""
+    middle = subprocess.Popen([sys.executable, "-c", MIDDLE, GUARDED, str(int(pdeathsig))],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        pid = int(middle.stdout.readline())
+        assert middle.stdout.readline().strip() == "guarded"
+        assert alive(pid)
+        middle.kill()
+        middle.wait()
+        assert gone_within(pid, 5) is not None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(middle.pid, signal.SIGKILL)
+        middle.stdout.close()
+
+
+def test_guard_exits_at_once_when_the_parent_is_already_gone() -> None:
+    """The parent died while the rank was still starting: the guard ends it instead of watching a stranger."""
+    gone = 2**22 + 1  # above any pid Linux or macOS hands out
+    proc = subprocess.run([sys.executable, "-c", GUARDED, str(gone), "1"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and "guarded" not in proc.stdout
+    assert f"parent process {gone} is gone" in proc.stderr
+
+
+def test_only_launched_ranks_watch_a_parent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launching process, sweep jobs and single-process runs never start the guard."""
+    monkeypatch.delenv(PARENT_PID_ENV, raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert launched_parent_pid() is None  # a plain run
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert launched_parent_pid() is None  # rank 0 of a DDP run: the launching process
+    monkeypatch.setenv(PARENT_PID_ENV, "4242")
+    assert launched_parent_pid() is None
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert launched_parent_pid() == 4242
+    monkeypatch.setenv(PARENT_PID_ENV, str(os.getpid()))
+    assert launched_parent_pid() is None
 
 
 SAMPLER_SCRIPT = textwrap.dedent('''

@@ -17,6 +17,7 @@ import pytest
 import timm
 import torch
 from conftest import FAST, ROOT, check_one_ddp_run, finished_trials, run_cli
+from omegaconf import OmegaConf
 from transformers import BertConfig, BertModel
 
 from tunelab.distributed import PARENT_PID_ENV, block_classes, launched_parent_pid
@@ -63,8 +64,15 @@ def test_multirun_with_ddp_cpu_makes_exactly_two_runs(tmp_path: Path, data_file:
         assert (sweeps[0] / job / "metrics.json").is_file()
         assert (sweeps[0] / job / "ddp_rank_1.log").is_file()
     assert not (task_dir / "runs").exists()
-    lrs = {json.loads((sweeps[0] / j / "metrics.json").read_text())["task"] for j in jobs}
-    assert lrs == {"finetune"}
+    lrs = {}
+    for job in jobs:
+        lr = OmegaConf.load(sweeps[0] / job / ".hydra" / "config.yaml").optimizer.lr
+        # rank 1 logs the overrides it was started with: this job's learning rate, not the sweep's list
+        [line] = [x for x in (sweeps[0] / job / "ddp_rank_1.log").read_text().splitlines() if "overrides:" in x]
+        [rank1_lr] = [float(o.split("=", 1)[1]) for o in line.split() if o.startswith("optimizer.lr=")]
+        assert rank1_lr == lr, (job, line)
+        lrs[job] = lr
+    assert sorted(lrs.values()) == [1e-3, 3e-3]
 
 
 def test_resume_ddp_cpu_run_from_last(tmp_path: Path, data_file: Path) -> None:

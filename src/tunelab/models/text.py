@@ -31,7 +31,6 @@ HEADS = {"classifier": AutoModelForSequenceClassification, "masked_lm": AutoMode
 # architectures that number positions from pad_token_id + 1 (fairseq's convention): that many fewer fit
 OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "data2vec-text",
                     "roberta-prelayernorm", "xmod", "mpnet", "ibert")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
 
 
 def at_predicted(x: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -105,19 +104,6 @@ def _same_folder(a: str, b: str) -> bool:
         return a == b
 
 
-def _own_tokenizer(source: str) -> PreTrainedTokenizerBase | None:
-    """The tokenizer saved in a local model folder, if it has one."""
-    from transformers import AutoTokenizer
-
-    folder = Path(source)
-    if not folder.is_dir() or not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError):
-        return None
-
-
 class TextModel(nn.Module):
     """A `transformers` model with a classification or masked-LM head."""
 
@@ -155,8 +141,6 @@ class TextModel(nn.Module):
         if pretrained:
             source = check_pretrained(str(pretrained))
             self.net = self._load(HEADS[head], source, kwargs, ignore_mismatched_sizes, trust_remote_code)
-            if tokenizer is not None:
-                self._check_tokenizer(tokenizer, source)
         else:
             if tokenizer is None:
                 raise TunelabError("a from-scratch text model needs a tokenizer to size its vocabulary")
@@ -170,6 +154,8 @@ class TextModel(nn.Module):
             self.net = HEADS[head].from_config(config, attn_implementation="sdpa")
         if tokenizer is not None:
             self._check_vocab(tokenizer)
+            if pretrained:
+                self._check_tokenizer(tokenizer, source, trust_remote_code)
         use_cpu_dropout(self.net)
         if gradient_checkpointing:
             self.net.gradient_checkpointing_enable()
@@ -204,13 +190,15 @@ class TextModel(nn.Module):
                 "(expected the tokenizer saved with the model)"
             )
 
-    def _check_tokenizer(self, tokenizer: PreTrainedTokenizerBase, source: str) -> None:
+    def _check_tokenizer(self, tokenizer: PreTrainedTokenizerBase, source: str, trust_remote_code: bool) -> None:
         """A tokenizer from another folder must be the model's own vocabulary: another one that fits the
         embeddings would train and predict on the wrong rows without any error."""
+        from tunelab.models.teacher import own_tokenizer  # teacher.py imports this module
+
         other = getattr(tokenizer, "name_or_path", "") or "(a tokenizer object)"
         if _same_folder(other, source):
             return
-        config, own = self.net.config, _own_tokenizer(source)
+        config, own = self.net.config, own_tokenizer(source, trust_remote_code)
         if own is not None:
             if own.get_vocab() == tokenizer.get_vocab() and own.pad_token_id == tokenizer.pad_token_id:
                 return

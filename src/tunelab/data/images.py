@@ -2,6 +2,7 @@
 
 Transforms come from timm's data config for the chosen model, so a pretrained model sees the size
 and normalisation it was trained with; `image_size` and the augmentation knobs override it.
+Each image file is read whole to decode it, so files above `max_file_bytes` are refused up front.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tunelab.data.base import SplitDataModule
 from tunelab.errors import TunelabError
 
 SPLITS = ("train", "val", "test")
+MAX_FILE_BYTES = 64 << 20  # 64 MiB: a large photograph is a few MiB
 
 
 class _DictDataset(Dataset):
@@ -35,13 +37,24 @@ class _DictDataset(Dataset):
         return {"pixel_values": self.transform(image), "labels": torch.tensor(target)}
 
 
+def _check_sizes(folder: ImageFolder, max_bytes: int) -> None:
+    """Refuse files too large to read into memory before any is read (a stat per file, no reading)."""
+    for path, _ in folder.samples:
+        size = Path(path).stat().st_size
+        if size > max_bytes:
+            raise TunelabError(
+                f"{path}: image file of {size:,} bytes exceeds data.max_file_bytes={max_bytes:,} (expected "
+                "image files of at most that size; raise data.max_file_bytes for larger ones)"
+            )
+
+
 def _verify_images(folder: ImageFolder) -> None:
     """Decode headers up front: a corrupt file should stop the run before training, naming the file."""
     for path, _ in folder.samples:
         try:
             with Image.open(path) as im:
                 im.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
             raise TunelabError(f"{path}: cannot decode image ({e}; expected a readable image file)") from None
 
 
@@ -61,6 +74,7 @@ class ImageFolderDataModule(SplitDataModule):
         image_size: int | None = None,
         augment: dict | None = None,
         verify_images: bool = True,
+        max_file_bytes: int = MAX_FILE_BYTES,
         batch_size: int = 64,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -71,6 +85,7 @@ class ImageFolderDataModule(SplitDataModule):
         self.model_name, self.image_size = model_name, image_size
         self.augment = dict(augment or {})
         self.verify_images = verify_images
+        self.max_file_bytes = max_file_bytes
 
     @property
     def data_config(self) -> dict[str, Any]:
@@ -92,6 +107,7 @@ class ImageFolderDataModule(SplitDataModule):
             folder = ImageFolder(str(path))
         except (FileNotFoundError, RuntimeError) as e:
             raise TunelabError(f"{role}: {path} holds no images in class folders ({e})") from None
+        _check_sizes(folder, self.max_file_bytes)
         if self.verify_images:
             _verify_images(folder)
         return folder

@@ -1,7 +1,9 @@
 """Read user text files (.txt, .jsonl, .csv, .tsv) record by record, validating as we go.
 
 Every problem is reported as `path:line: what is wrong (expected ...)`, because a user with a
-100k-line file needs the line, not a pyarrow stack trace.
+100k-line file needs the line, not a pyarrow stack trace. Lines are read at most
+`max_record_bytes` at a time, so one huge line (or a file without line breaks) is an error naming
+its line, not gigabytes of memory and minutes of parsing.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from tunelab.errors import TunelabError
 
+MAX_RECORD_BYTES = 1 << 20  # 1 MiB: far above any review or document line, far below a memory problem
 TEXT_SUFFIXES = (".txt", ".text")
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 CSV_SUFFIXES = (".csv", ".tsv")
@@ -39,12 +43,36 @@ def file_stamp(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _lines(path: Path, encoding_errors: str) -> Iterator[tuple[int, str]]:
-    """Yield (line number, line) and name the line when it is not valid UTF-8."""
+def _rest_of_line(f: BinaryIO) -> int:
+    """Bytes up to the end of the line (its terminator not counted), read 1 MiB at a time."""
+    size = 0
+    while chunk := f.readline(1 << 20):
+        if chunk.endswith(b"\n"):
+            return size + len(chunk.rstrip(b"\r\n"))
+        size += len(chunk)
+    return size
+
+
+def too_long(path: Path, lineno: int, size: int, max_bytes: int, at_least: bool = False) -> TunelabError:
+    return TunelabError(
+        f"{path}:{lineno}: record of {'more than ' if at_least else ''}{size:,} bytes exceeds "
+        f"data.max_record_bytes={max_bytes:,} (expected records of at most that size, one per line; raise "
+        "data.max_record_bytes for longer ones)"
+    )
+
+
+def _lines(path: Path, encoding_errors: str, max_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple[int, str]]:
+    """Yield (line number, line); name the line when it is longer than `max_bytes` or not valid UTF-8."""
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        lineno = 0
+        while raw := f.readline(max_bytes + 2):  # the longest allowed line and its \r\n
+            lineno += 1
+            content = raw.rstrip(b"\r\n")
+            if len(content) > max_bytes:
+                rest = 0 if raw.endswith(b"\n") else _rest_of_line(f)
+                raise too_long(path, lineno, len(content) + rest, max_bytes)
             try:
-                yield lineno, raw.decode("utf-8", errors=encoding_errors).rstrip("\r\n")
+                yield lineno, content.decode("utf-8", errors=encoding_errors)
             except UnicodeDecodeError as e:
                 raise TunelabError(
                     f"{path}:{lineno}: bytes that are not valid UTF-8 at column {e.start + 1} "
@@ -58,6 +86,7 @@ def read_records(
     label_field: str | None = "label",
     encoding_errors: str = "strict",
     extra_fields: tuple[str, ...] = (),
+    max_record_bytes: int = MAX_RECORD_BYTES,
 ) -> Iterator[dict]:
     """Yield `{"text", "label", "line", *extra_fields}` dicts; `label` only when `label_field` is set."""
     path = Path(path)
@@ -68,11 +97,11 @@ def read_records(
                 f"{path}: plain-text files hold unlabelled lines, but data.label_field={label_field!r} "
                 "(expected a .jsonl or .csv file for labelled data, or data.label_field=null)"
             )
-        for lineno, line in _lines(path, encoding_errors):
+        for lineno, line in _lines(path, encoding_errors, max_record_bytes):
             if line.strip():
                 yield {"text": line, "line": lineno}
     elif suffix in JSON_SUFFIXES:
-        for lineno, line in _lines(path, encoding_errors):
+        for lineno, line in _lines(path, encoding_errors, max_record_bytes):
             if not line.strip():
                 continue
             try:
@@ -83,14 +112,27 @@ def read_records(
                 raise TunelabError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
             yield _record(obj, path, lineno, text_field, label_field, extra_fields)
     else:
-        yield from _read_csv(path, text_field, label_field, encoding_errors, extra_fields)
+        yield from _read_csv(path, text_field, label_field, encoding_errors, extra_fields, max_record_bytes)
+
+
+def _csv_lines(path: Path, encoding_errors: str, max_bytes: int, record: dict) -> Iterator[str]:
+    """Lines for the csv reader, failing when the record being read (quoted fields may span lines) grows
+    past `max_bytes`; the caller resets `record` after each row."""
+    for lineno, line in _lines(path, encoding_errors, max_bytes):
+        record.setdefault("start", lineno)
+        record["size"] = record.get("size", -1) + len(line) + 1  # characters, and a line break between lines
+        if record["size"] > max_bytes:
+            raise too_long(path, record["start"], max_bytes, max_bytes, at_least=True)
+        yield line
 
 
 def _read_csv(path: Path, text_field: str, label_field: str | None, encoding_errors: str,
-              extra_fields: tuple[str, ...]) -> Iterator[dict]:
+              extra_fields: tuple[str, ...], max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[dict]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    rows = (line for _, line in _lines(path, encoding_errors))
-    reader = csv.reader(rows, delimiter=delimiter, strict=True)
+    csv.field_size_limit(max(csv.field_size_limit(), max_record_bytes))  # the cap applies, not csv's 128 KiB
+    record: dict = {}
+    reader = csv.reader(_csv_lines(path, encoding_errors, max_record_bytes, record), delimiter=delimiter,
+                        strict=True)
     try:
         header = next(reader)
     except StopIteration:
@@ -99,6 +141,7 @@ def _read_csv(path: Path, text_field: str, label_field: str | None, encoding_err
         raise TunelabError(f"{path}:1: malformed CSV header ({e})") from None
     lineno = 1
     while True:
+        record.clear()
         try:
             row = next(reader)
         except StopIteration:

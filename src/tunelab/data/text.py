@@ -19,7 +19,7 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from tunelab.data import packing
 from tunelab.data.base import SplitDataModule
 from tunelab.data.collators import IGNORE_INDEX
-from tunelab.data.readers import check_file, file_stamp, read_records
+from tunelab.data.readers import MAX_RECORD_BYTES, check_file, file_stamp, read_records
 from tunelab.data.tokenizer import cached_wordpiece, load_tokenizer
 from tunelab.errors import TunelabError
 
@@ -27,11 +27,12 @@ SPLITS = ("train", "val", "test")
 
 
 def _generate(path: str, text_field: str, label_field: str | None, encoding_errors: str, stamp: str,
-              domain_field: str | None, domains: list[str] | None) -> Iterator[dict]:
+              domain_field: str | None, domains: list[str] | None,
+              max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[dict]:
     """Module-level generator so `datasets` can fingerprint it; `stamp` ties the cache to the file's content."""
     del stamp
     extra = (domain_field,) if domains else ()
-    for record in read_records(path, text_field, label_field, encoding_errors, extra):
+    for record in read_records(path, text_field, label_field, encoding_errors, extra, max_record_bytes):
         if not domains or record.pop(domain_field) in domains:
             yield record
 
@@ -98,6 +99,7 @@ class TextDataModule(SplitDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         encoding_errors: str = "strict",
+        max_record_bytes: int = MAX_RECORD_BYTES,
         cache_dir: str = ".cache",
         pack: bool = False,
         collator: Callable[..., Any] | None = None,
@@ -119,6 +121,7 @@ class TextDataModule(SplitDataModule):
         self.masking: Any = None
         self.tokenizer_source, self.trust_remote_code, self.vocab_size = tokenizer, trust_remote_code, vocab_size
         self.max_length, self.encoding_errors = max_length, encoding_errors
+        self.max_record_bytes = max_record_bytes
         self.cache_dir = Path(cache_dir)
         self.tokenizer: PreTrainedTokenizerBase | None = None
 
@@ -170,7 +173,8 @@ class TextDataModule(SplitDataModule):
                 _generate,
                 gen_kwargs={"path": str(path.resolve()), "text_field": self.text_field,
                             "label_field": label_field, "encoding_errors": self.encoding_errors,
-                            "stamp": stamp, "domain_field": self.domain_field, "domains": self.domains},
+                            "stamp": stamp, "domain_field": self.domain_field, "domains": self.domains,
+                            "max_record_bytes": self.max_record_bytes},
                 cache_dir=str(self.cache_dir / "datasets"),
             )
         except datasets.exceptions.DatasetGenerationError as e:

@@ -121,6 +121,11 @@ class ImageFolderDataModule(SplitDataModule):
         else:
             folders = {"train": self._folder(self.root, "data.root")}
         self.labels = list(folders["train"].classes)
+        if len(self.labels) < 2:  # nothing to classify; torchmetrics would fail later on its arguments
+            raise TunelabError(
+                f"data.root: found {len(self.labels)} class {self.labels} in {folders['train'].root} "
+                "(expected at least two class folders, one per label)"
+            )
         for split, folder in folders.items():
             if folder.classes != self.labels:
                 raise TunelabError(

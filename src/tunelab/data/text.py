@@ -226,6 +226,7 @@ class TextDataModule(SplitDataModule):
                 raise TunelabError("label set unknown: read the train split first")
             found = ds.unique("label")
             self.labels = sorted(found, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+            self._check_classes()
         index = {name: i for i, name in enumerate(self.labels)}
         bad = ds.filter(lambda r: r["label"] not in index)
         if len(bad):
@@ -235,6 +236,17 @@ class TextDataModule(SplitDataModule):
                 f"label set (expected one of {self.labels}; set data.labels to change it)"
             )
         return ds.map(lambda r: {"labels": index[r["label"]]}, remove_columns=["label"])
+
+    def _check_classes(self) -> None:
+        """One label is nothing to classify (torchmetrics would fail later, on its own arguments)."""
+        if len(self.labels) >= 2:
+            return
+        subset = self.limit_train or self.limit_train_per_class
+        kept = " of the records data.limit_train keeps" if subset else ""
+        raise TunelabError(
+            f"data.train_file: found {len(self.labels)} class {self.labels} in {self.files['train']}{kept} "
+            f"(expected at least two distinct values of data.label_field={self.label_field!r} to classify)"
+        )
 
     @property
     def _needs_word_ids(self) -> bool:

@@ -75,17 +75,23 @@ def test_multirun_with_ddp_cpu_makes_exactly_two_runs(tmp_path: Path, data_file:
     assert sorted(lrs.values()) == [1e-3, 3e-3]
 
 
-def test_resume_ddp_cpu_run_from_last(tmp_path: Path, data_file: Path) -> None:
-    first = run_cli("trainer=ddp_cpu", *TINY, f"data.train_file={data_file}", cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
+def test_killed_ddp_cpu_run_resumes_from_last(tmp_path: Path, data_file: Path) -> None:
+    """Rank 0 is SIGKILLed in its second epoch (rank 1 dies with it); `ckpt_path=last` finishes the run."""
+    args = ["trainer=ddp_cpu", *TINY, f"data.train_file={data_file}", "trainer.max_epochs=2", "data.batch_size=8",
+            "trainer.limit_train_batches=3", "callbacks.model_checkpoint.every_n_train_steps=1"]
+    env = {"PYTHONPATH": str(Path(__file__).parent)}
+    kill = ["+callbacks.kill._target_=faults.KillAt", "+callbacks.kill.at=train_batch_end", "+callbacks.kill.step=4"]
+    first = run_cli(*args, *kill, cwd=tmp_path, env=env)
+    assert first.returncode == -9, first.stderr[-3000:]
     run = next((tmp_path / "logs" / "finetune" / "runs").iterdir())
-    steps = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
-    second = run_cli("trainer=ddp_cpu", *TINY, f"data.train_file={data_file}", "ckpt_path=last",
-                     "trainer.max_epochs=2", cwd=tmp_path)
+    # Lightning runs checkpoint callbacks last: the kill at step 4 came before its save
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    second = run_cli(*args, "ckpt_path=last", cwd=tmp_path, env=env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert [p.name for p in (tmp_path / "logs" / "finetune" / "runs").iterdir()] == [run.name]
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert last["global_step"] == 2 * steps
+    assert last["global_step"] == 6
+    assert (tmp_path / "logs" / "finetune" / "latest").resolve() == run
 
 
 def test_optuna_search_resumes_after_being_killed(tmp_path: Path, data_file: Path) -> None:

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tunelab import distributed, runs
 from tunelab.checkpoints import AtomicCheckpointIO, ResumeState, scalars
+from tunelab.checks import check_values
 from tunelab.config import build, check_required, register_resolvers, validate
 from tunelab.errors import TunelabError
 
@@ -35,6 +36,7 @@ def run(cfg: DictConfig) -> float | None:
     """Train and test one configuration; return `cfg.optimized_metric` for sweeps."""
     check_required(cfg)
     validate(cfg)
+    check_values(cfg)
     out = Path(cfg.paths.output_dir)
     primary = runs.is_primary_process()
     resumed = runs.claim(out, cfg.get("ckpt_path")) if primary else False

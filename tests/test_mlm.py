@@ -20,12 +20,13 @@ from transformers import (
     pipeline,
 )
 
+from tunelab.contracts import masked_targets
 from tunelab.data import packing
 from tunelab.data.collators import MaskingCollator
 from tunelab.data.tokenizer import train_wordpiece
 from tunelab.errors import TunelabError
 from tunelab.models.linear_cross_entropy import linear_cross_entropy
-from tunelab.models.text import TextModel, masked_targets
+from tunelab.models.text import TextModel
 from tunelab.train import run
 
 SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sta", "ble", "pre", "ton", "vi", "qua", "zor"]

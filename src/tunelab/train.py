@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from tunelab import distributed, runs
+from tunelab import artifacts, distributed, runs
 from tunelab.checkpoints import AtomicCheckpointIO, ResumeState, scalars
 from tunelab.checks import check_values
 from tunelab.config import build, check_required, register_resolvers, validate
@@ -90,7 +90,7 @@ def _run(cfg: DictConfig, out: Path, resumed: bool, primary: bool) -> float | No
     # an evaluation-only run (train=false) has no validation metric to return
     value = metric_value(metrics, cfg.get("optimized_metric") if cfg.get("train", True) else None)
     if trainer.is_global_zero:
-        write_artifacts(out, cfg, export_task, metrics, trainer)
+        write_artifacts(out, cfg, export_task, datamodule, metrics, trainer)
         if primary:
             runs.finish(out)
             point_latest(out, Path(cfg.paths.log_dir) / cfg.task_name / "latest")
@@ -214,18 +214,36 @@ def gather_for_export(cfg: DictConfig, task: L.LightningModule, datamodule: Any,
     return fresh
 
 
-def write_artifacts(out: Path, cfg: DictConfig, task: Any, metrics: dict, trainer: L.Trainer) -> None:
-    """metrics.json and model/ in its ecosystem's format, each replaced whole (never left half-written)."""
+def write_artifacts(out: Path, cfg: DictConfig, task: Any, datamodule: Any, metrics: dict,
+                    trainer: L.Trainer) -> None:
+    """metrics.json and model/ (through `artifacts`), each replaced whole (never left half-written)."""
     ckpt = trainer.checkpoint_callback
     values_file = {"metrics": metrics, "best_checkpoint": ckpt.best_model_path if ckpt else None,
                    "task": cfg.task_name}
     runs.write_atomic(out / "metrics.json", json.dumps(values_file, indent=2, sort_keys=True))
-    if hasattr(task, "export"):
-        tmp = out / f".model.{os.getpid()}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        task.export(str(tmp))
-        shutil.rmtree(out / "model", ignore_errors=True)  # an earlier, interrupted export of this run
-        os.replace(tmp, out / "model")
+    if not hasattr(task, "export_model"):
+        return
+    tmp = out / f".model.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pair = getattr(datamodule, "source", None)  # a domain pair: preprocessing is the source's (and the target's)
+    data = pair if pair is not None else datamodule
+    artifacts.save(tmp, task.export_model(), labels=getattr(task, "labels", None),
+                   tokenizer=getattr(task, "tokenizer", None) or getattr(data, "tokenizer", None),
+                   data_config=getattr(data, "data_config", None), max_length=getattr(data, "max_length", None),
+                   card=run_card(out, cfg, task, metrics))
+    artifacts.write_atomic_dir(tmp, out / "model")
+
+
+def run_card(out: Path, cfg: DictConfig, task: Any, metrics: dict) -> dict:
+    """What the card says about the run: task, metrics, parents (with weight hashes), the resolved config."""
+    model = cfg.get("model") or {}
+    teacher = getattr(task, "teacher", None)
+    parents = [artifacts.parent("pretrained", model.get("pretrained") or model.get("pretrained_file")),
+               artifacts.parent("teacher", getattr(teacher, "source", None))]
+    config = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+              for k, v in cfg.items() if k != "hydra"}
+    return {"task": cfg.task_name, "path": str(out / "model"), "metrics": metrics,
+            "parents": [p for p in parents if p], "run": {"folder": str(out), "config": config}}
 
 
 def point_latest(target: Path, link: Path) -> None:

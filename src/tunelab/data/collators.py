@@ -20,9 +20,8 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedTokenizerBase
 
+from tunelab.contracts import ATTENTION_MASK, IGNORE_INDEX, INPUT_IDS, MLM_LABELS, MLM_POSITIONS, WORD_STARTS
 from tunelab.errors import TunelabError
-
-IGNORE_INDEX = -100  # a label position or record to leave out of the loss (cross_entropy's default)
 
 
 def wordpiece_prefix(tokenizer: PreTrainedTokenizerBase) -> str | None:
@@ -91,22 +90,22 @@ class MaskingCollator:
         starts = self._word_starts(input_ids, maskable, word_starts) if self.whole_word else None
         chosen = (self._choose_fixed if self.fixed_count else self._choose_dynamic)(maskable, starts, generator)
         labels = torch.where(chosen, input_ids, IGNORE_INDEX)
-        batch = {"input_ids": self._corrupt(input_ids, chosen, generator), "attention_mask": attention_mask,
-                 "mlm_labels": labels}
+        batch = {INPUT_IDS: self._corrupt(input_ids, chosen, generator), ATTENTION_MASK: attention_mask,
+                 MLM_LABELS: labels}
         if self.fixed_count:
             k = math.ceil(self.mask_prob * input_ids.shape[1])
-            batch["mlm_positions"] = torch.argsort(chosen.to(torch.int8), dim=1, descending=True, stable=True)[:, :k]
+            batch[MLM_POSITIONS] = torch.argsort(chosen.to(torch.int8), dim=1, descending=True, stable=True)[:, :k]
         return batch
 
     def pad(self, examples: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Right-pad `input_ids` (and `word_starts` when stored) to the longest example."""
-        rows = [torch.as_tensor(e["input_ids"], dtype=torch.long) for e in examples]
+        rows = [torch.as_tensor(e[INPUT_IDS], dtype=torch.long) for e in examples]
         ids = pad_sequence(rows, batch_first=True, padding_value=self.pad_id)
         lengths = torch.tensor([len(r) for r in rows])
         mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
         starts = None
-        if "word_starts" in examples[0]:
-            flags = [torch.as_tensor(e["word_starts"], dtype=torch.bool) for e in examples]
+        if WORD_STARTS in examples[0]:
+            flags = [torch.as_tensor(e[WORD_STARTS], dtype=torch.bool) for e in examples]
             starts = pad_sequence(flags, batch_first=True, padding_value=True)
         elif self.needs_word_ids:
             raise TunelabError(

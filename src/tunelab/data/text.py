@@ -16,9 +16,9 @@ from typing import Any
 import datasets
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
+from tunelab.contracts import IGNORE_INDEX
 from tunelab.data import packing
 from tunelab.data.base import SplitDataModule
-from tunelab.data.collators import IGNORE_INDEX
 from tunelab.data.readers import MAX_RECORD_BYTES, check_file, file_stamp, read_records
 from tunelab.data.tokenizer import cached_wordpiece, load_tokenizer
 from tunelab.errors import TunelabError

@@ -16,6 +16,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from tunelab.errors import TunelabError
+from tunelab.folders import check_pretrained
 
 SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
                   "mask_token": "[MASK]"}
@@ -23,8 +24,6 @@ SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS
 
 def load_tokenizer(source: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load the tokenizer that belongs to a model directory or hub name."""
-    from tunelab.models.text import check_pretrained
-
     source = check_pretrained(source)
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tunelab.data.collators import IGNORE_INDEX
+from tunelab.contracts import IGNORE_INDEX
 
 CHUNK_ROWS = 128  # 128 × 30522 fp32 logits: 16 MB, within a server CPU's last-level cache
 

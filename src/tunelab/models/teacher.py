@@ -11,22 +11,19 @@ would turn the teacher's dropout back on).
 from __future__ import annotations
 
 import hashlib
-import json
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tunelab import artifacts
+from tunelab.contracts import Output
 from tunelab.errors import TunelabError
-from tunelab.models.text import Output, TextModel
+from tunelab.models.text import TextModel
 from tunelab.models.vision import ImageModel
 
 MAKE_ONE = "python train.py task=finetune"
 MADE_BY = {"classifier": ("finetune", MAKE_ONE), "masked_lm": ("mlm", "python train.py task=mlm")}
-HF_CLASS = {"classifier": "ForSequenceClassification", "masked_lm": "ForMaskedLM"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
-GENERIC_LABEL = re.compile(r"LABEL_\d+")
 
 
 class Teacher:
@@ -101,84 +98,28 @@ def load_teacher(path: str | None = None, weights: str | None = None, trust_remo
                 f"teacher first with `{command}` (same data=, a larger model=, e.g. model=bert_mini), or set "
                 "teacher.path=<run folder, model folder or hub name>"
             )
-        return _from_folder(default.resolve(), trust_remote_code, head)
-    local = Path(str(path)).expanduser()
-    if head != "classifier":  # masked LMs are transformers models
-        return _from_hf(str(model_folder(local)) if local.is_dir() else str(path), trust_remote_code, head)
-    if weights:
+        path = str(default.resolve())
+    if head == "classifier" and weights:
         return _from_timm_name(str(path), weights)
-    if local.is_dir():
-        return _from_folder(model_folder(local), trust_remote_code, head)
-    if local.exists() or str(path).startswith((".", "/", "~")) or str(path).count("/") > 1:
-        raise TunelabError(
-            f"teacher.path: {local} is not a folder (expected a run folder, a model folder, or a hub name); make a "
-            f"teacher with `{MAKE_ONE}`"
-        )
-    import timm
+    local = Path(str(path)).expanduser()
+    if head == "classifier" and not local.is_dir():
+        if local.exists() or artifacts.is_local(str(path)):
+            raise TunelabError(f"teacher.path: {local} is not a folder (expected a run folder, a model folder, or a "
+                               f"hub name); make a teacher with `{MAKE_ONE}`")
+        import timm
 
-    if timm.is_model(str(path)):
-        raise TunelabError(f"teacher.path={path} is a timm model name: give its trained weights with "
-                           "teacher.weights=<file.safetensors> (a teacher without trained weights teaches nothing)")
-    return _from_hf(str(path), trust_remote_code, head)
-
-
-def model_folder(folder: Path) -> Path:
-    """The model inside `folder`: the folder itself, or a run folder's `model/`."""
-    for candidate in (folder, folder / "model"):
-        if (candidate / "config.json").is_file():
-            return candidate.resolve()
-    raise TunelabError(
-        f"teacher.path: {folder} holds no model (expected a run folder with model/, a Hugging Face model folder "
-        f"with config.json, or a timm folder with config.json and model.safetensors); make one with `{MAKE_ONE}`"
-    )
-
-
-def _from_folder(folder: Path, trust_remote_code: bool, head: str = "classifier") -> Teacher:
+        if timm.is_model(str(path)):
+            raise TunelabError(f"teacher.path={path} is a timm model name: give its trained weights with "
+                               "teacher.weights=<file.safetensors> (a teacher without trained weights teaches nothing)")
     try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise TunelabError(f"teacher.path: cannot read {folder / 'config.json'} ({e})") from None
-    if isinstance(config, dict) and "architecture" in config and head == "classifier":  # timm, not transformers
-        net = ImageModel.from_exported(folder, role="teacher.path")
-        return Teacher(net, str(folder), config.get("label_names"))
-    return _from_hf(str(folder), trust_remote_code, head)
-
-
-def _from_hf(source: str, trust_remote_code: bool, head: str = "classifier") -> Teacher:
-    """A transformers classifier (or masked LM): labels from its config, its tokenizer when it has one."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise TunelabError(f"teacher.path: could not load a model config from {source!r} ({e})") from None
-    archs = getattr(config, "architectures", None) or []
-    if archs and not any(a.endswith(HF_CLASS[head]) for a in archs):
-        what = "sequence classifier" if head == "classifier" else "masked language model"
-        raise TunelabError(
-            f"teacher.path: {source} is a {archs[0]}, not a {what} (expected a model like the model/ of a "
-            f"`{MADE_BY[head][1]}` run)"
-        )
-    names = [str(config.id2label[i]) for i in sorted(config.id2label)] if head == "classifier" else None
-    try:
-        net = TextModel(head, names, pretrained=source, trust_remote_code=trust_remote_code)
+        found = artifacts.load(str(path), role="teacher.path", trust_remote_code=trust_remote_code,
+                               kind=artifacts.MASKED_LM if head == "masked_lm" else None)
     except TunelabError as e:
-        raise TunelabError(f"teacher.path: {e}") from None
-    generic = names is None or all(GENERIC_LABEL.fullmatch(n) for n in names)
-    return Teacher(net, source, None if generic else names, own_tokenizer(source, trust_remote_code))
-
-
-def own_tokenizer(source: str, trust_remote_code: bool) -> Any | None:
-    """The tokenizer saved with a model, or None when it has none."""
-    from transformers import AutoTokenizer
-
-    local = Path(source)
-    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):
-        return None
+        raise TunelabError(f"{e}; make one with `{command}`") from None
+    if head == "classifier" and found.kind == artifacts.MASKED_LM:
+        raise TunelabError(f"teacher.path: {found.source} holds a masked-lm, not a sequence classifier (expected a "
+                           f"model like the model/ of a `{MAKE_ONE}` run)")
+    return Teacher(found.net, found.source, found.labels, found.tokenizer)
 
 
 def _from_timm_name(name: str, weights: str) -> Teacher:

@@ -9,7 +9,6 @@ input of the model's own classifier, which is the pooled representation for ever
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,57 +22,15 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from tunelab.data.collators import IGNORE_INDEX
+from tunelab.contracts import IGNORE_INDEX, Output, at_predicted
 from tunelab.errors import TunelabError
+from tunelab.folders import check_pretrained
 from tunelab.models.dropout import ATTENTION, scaled_dot_product_attention, use_cpu_dropout
 
 HEADS = {"classifier": AutoModelForSequenceClassification, "masked_lm": AutoModelForMaskedLM}
 # architectures that number positions from pad_token_id + 1 (fairseq's convention): that many fewer fit
 OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "data2vec-text",
                     "roberta-prelayernorm", "xmod", "mpnet", "ibert")
-
-
-def at_predicted(x: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The rows of `x` (batch × length × ...) at the predicted positions, flattened in one order for labels,
-    hidden states and logits: where `mlm_labels` is not -100, or at `mlm_positions` (batch × k indices whose
-    extra entries carry label -100: static shapes for torch.compile)."""
-    positions = batch.get("mlm_positions")
-    if positions is None:
-        return x[batch["mlm_labels"] != IGNORE_INDEX]
-    index = positions.view(*positions.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:])
-    return x.gather(1, index).flatten(0, 1)
-
-
-def masked_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The token ids to predict, one per row of the sparse MLM logits (-100 on `mlm_positions` padding)."""
-    return at_predicted(batch["mlm_labels"], batch)
-
-
-@dataclass
-class Output:
-    """What every backbone returns: class logits and the features the head saw (a masked LM asked not to
-    project: no logits, and the features its vocabulary projection would see)."""
-
-    logits: torch.Tensor | None
-    features: torch.Tensor
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
-
-
-def check_pretrained(source: str) -> str:
-    """Fail early, naming the path, when a local model directory is missing or holds no model."""
-    path = Path(source).expanduser()
-    looks_local = path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
-    if not looks_local:
-        return source  # a hub name: resolved by transformers when online
-    if not path.is_dir():
-        raise TunelabError(f"model.pretrained: directory not found: {path} (expected a Hugging Face model folder)")
-    if not (path / "config.json").is_file():
-        raise TunelabError(
-            f"model.pretrained: {path} holds no model (expected config.json and model.safetensors, as written "
-            "by save_pretrained)"
-        )
-    return str(path.resolve())
 
 
 def local_config(source: str) -> dict | None:
@@ -193,7 +150,7 @@ class TextModel(nn.Module):
     def _check_tokenizer(self, tokenizer: PreTrainedTokenizerBase, source: str, trust_remote_code: bool) -> None:
         """A tokenizer from another folder must be the model's own vocabulary: another one that fits the
         embeddings would train and predict on the wrong rows without any error."""
-        from tunelab.models.teacher import own_tokenizer  # teacher.py imports this module
+        from tunelab.artifacts import own_tokenizer  # artifacts builds text models: import at call time
 
         other = getattr(tokenizer, "name_or_path", "") or "(a tokenizer object)"
         if _same_folder(other, source):

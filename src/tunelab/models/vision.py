@@ -13,8 +13,8 @@ import timm
 import torch
 from torch import nn
 
+from tunelab.contracts import Output
 from tunelab.errors import TunelabError
-from tunelab.models.text import Output
 
 
 def read_exported_config(directory: str | Path, role: str = "model") -> dict:

@@ -242,16 +242,16 @@ class DANNTask(Task):
             logger.experiment.add_embedding(features, metadata=metadata, metadata_header=["domain", "class"],
                                             label_img=images, tag=tag, global_step=self.global_step)
 
-    def export(self, directory: str) -> None:
-        """The adapted classifier as a plain model (see `TextModel.export` / `ImageModel.export`).
+    def export_model(self) -> nn.Module:
+        """The adapted classifier as a plain model of its usual architecture.
 
         A bottleneck is affine in eval mode, so `classifier(bottleneck(x))` is written into the
-        model's own linear classifier: the export has the usual architecture and the same logits.
+        model's own linear classifier: the export has the same logits.
         """
         if "bottleneck" in self.heads:
             self.heads.eval()
             self.heads["bottleneck"].fold_into(self.heads["classifier"], self.model.classifier)
-        self.model.export(directory, self.tokenizer)
+        return self.model
 
 
 def _thumbnails(images: torch.Tensor, size: int = 32) -> torch.Tensor:

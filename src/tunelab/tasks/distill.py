@@ -22,14 +22,14 @@ from lightning import LightningDataModule
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from tunelab.artifacts import own_tokenizer
+from tunelab.contracts import IGNORE_INDEX, Layer, Output
 from tunelab.data.teacher_cache import TeacherCache, check_static, load_or_build
 from tunelab.errors import TunelabError
-from tunelab.models.teacher import Teacher, own_tokenizer
-from tunelab.models.text import IGNORE_INDEX, Output
+from tunelab.models.teacher import Teacher
 from tunelab.tasks.finetune import FinetuneTask
 from tunelab.tasks.mlm import MLMTask
 
-Layer = int | str  # a hidden-state index (0: embeddings, i: after layer i) or "features" (what the head sees)
 LAYER_INDEX = re.compile(r"(\.layers?\.)(\d+)\.")
 
 

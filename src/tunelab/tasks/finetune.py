@@ -115,6 +115,6 @@ class FinetuneTask(Task):
         self.log("test/loss", loss, sync_dist=True, batch_size=n)
         self.log_dict(self.test_metrics, on_step=False, on_epoch=True, batch_size=n)
 
-    def export(self, directory: str) -> None:
-        """The trained network in its ecosystem's format: see `TextModel.export` / `ImageModel.export`."""
-        self.model.export(directory, self.tokenizer, self.data_config)
+    def export_model(self) -> nn.Module:
+        """The network `model/` holds (written by `tunelab.artifacts.save`)."""
+        return self.model

@@ -19,9 +19,9 @@ from torch import nn
 from torchmetrics import MeanMetric, MinMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from tunelab.contracts import IGNORE_INDEX, at_predicted, masked_targets
 from tunelab.errors import TunelabError
 from tunelab.models.linear_cross_entropy import linear_cross_entropy
-from tunelab.models.text import IGNORE_INDEX, at_predicted, masked_targets
 from tunelab.tasks.base import Task
 
 TOP_K = 3
@@ -151,9 +151,9 @@ class MLMTask(Task):
         for logger in loggers:
             logger.experiment.add_text("val/predictions", text, global_step=self.global_step)
 
-    def export(self, directory: str) -> None:
-        """`save_pretrained` of the masked-LM model and its tokenizer: loads in `pipeline("fill-mask")`."""
-        self.model.export(directory, self.tokenizer)
+    def export_model(self) -> nn.Module:
+        """The masked-LM network `model/` holds: with its tokenizer it loads in `pipeline("fill-mask")`."""
+        return self.model
 
 
 def examples_markdown(tokenizer: Any, input_ids: torch.Tensor, labels: torch.Tensor, top_ids: torch.Tensor,

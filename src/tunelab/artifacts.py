@@ -1,0 +1,310 @@
+"""The one place that writes and reads `model/` folders.
+
+A `model/` folder holds the network in its ecosystem's own format (Hugging Face `save_pretrained` with
+its tokenizer, or timm's `config.json` + `model.safetensors` with the preprocessing it was trained with),
+plus its card: `tunelab.json` (machine-readable: kind, labels, preprocessing, metrics, parents with
+content hashes, the run and its resolved config, package versions) and a Hugging Face style
+`README.md`. `load` reads such a folder, a run folder or `logs/<task>/latest`, a plain Hugging Face or
+timm folder, or a hub name, and returns an `Artifact`: the network, its kind, labels, tokenizer and
+preprocessing. Nothing else in the project parses or writes these folders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import TunelabError
+
+CARD = "tunelab.json"
+TEXT_CLASSIFIER, MASKED_LM, IMAGE_CLASSIFIER = "text-classifier", "masked-lm", "image-classifier"
+KINDS = (TEXT_CLASSIFIER, MASKED_LM, IMAGE_CLASSIFIER)
+HEADS = {TEXT_CLASSIFIER: "classifier", MASKED_LM: "masked_lm", IMAGE_CLASSIFIER: "classifier"}
+HF_SUFFIX = {TEXT_CLASSIFIER: "ForSequenceClassification", MASKED_LM: "ForMaskedLM"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+GENERIC_LABEL = re.compile(r"LABEL_\d+")
+PACKAGES = ("tunelab", "torch", "transformers", "timm", "lightning", "tokenizers")
+
+
+@dataclass
+class Artifact:
+    """A loaded `model/` folder (or plain HF/timm model): what every tool after training works with."""
+
+    source: str
+    kind: str
+    net: Any  # TextModel or ImageModel
+    labels: list[str] | None
+    tokenizer: Any | None = None
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    card: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def modality(self) -> str:
+        return "image" if self.kind == IMAGE_CLASSIFIER else "text"
+
+
+# ----------------------------------------------------------------------------- finding folders
+def model_dir(path: str | Path, role: str = "model") -> Path:
+    """The model folder behind `path`: the folder itself, a run folder's `model/` (also `logs/<task>/latest`)."""
+    folder = Path(path).expanduser()
+    for candidate in (folder, folder / "model"):
+        if (candidate / "config.json").is_file():
+            return candidate.resolve()
+    if not folder.exists():
+        raise TunelabError(f"{role}: directory not found: {folder} (expected a model folder or a run folder)")
+    raise TunelabError(
+        f"{role}: {folder} holds no model (expected a run folder with model/, a Hugging Face model folder with "
+        "config.json and model.safetensors, or a timm folder with config.json and model.safetensors)"
+    )
+
+
+def is_local(path: str) -> bool:
+    return Path(path).expanduser().exists() or str(path).startswith((".", "/", "~")) or str(path).count("/") > 1
+
+
+def read_card(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / CARD).read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as e:
+        raise TunelabError(f"{folder / CARD}: not valid JSON ({e}; expected the card this project writes)") from None
+
+
+def read_config(folder: Path, role: str) -> dict[str, Any]:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise TunelabError(f"{role}: cannot read {folder / 'config.json'} ({e})") from None
+    if not isinstance(config, dict):
+        raise TunelabError(f"{role}: {folder / 'config.json'} is not a JSON object")
+    return config
+
+
+def kind_of(config: dict[str, Any]) -> str:
+    """The kind a plain folder's config.json describes (timm configs name an `architecture`)."""
+    if "architecture" in config:
+        return IMAGE_CLASSIFIER
+    archs = config.get("architectures") or []
+    return MASKED_LM if any(a.endswith("ForMaskedLM") for a in archs) else TEXT_CLASSIFIER
+
+
+def weights_digest(folder: str | Path) -> str | None:
+    """sha256 of a local model's weight files (the parent hash in a card); None for hub names."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) if folder.is_dir() else (
+        [folder] if folder.is_file() else [])
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def parent(role: str, source: str | None) -> dict[str, Any] | None:
+    """A card's record of a model this one was made from: where it came from and what its weights were."""
+    if not source:
+        return None
+    local = Path(str(source)).expanduser()
+    if local.is_dir():
+        with contextlib.suppress(TunelabError):  # a folder of weights that is no model folder: hash it as is
+            local = model_dir(local)
+    where = str(local.resolve()) if local.exists() else str(source)
+    return {"role": role, "source": where, "sha256": weights_digest(local) if local.exists() else None}
+
+
+# ----------------------------------------------------------------------------- loading
+def load(path: str | Path, kind: str | None = None, role: str = "model", trust_remote_code: bool = False) -> Artifact:
+    """Load any folder this project wrote, a plain HF/timm folder, or (online) a hub name."""
+    source = str(path)
+    if is_local(source):
+        folder = model_dir(source, role)
+        card, config = read_card(folder), read_config(folder, role)
+        found = card.get("kind") or kind_of(config)
+        source = str(folder)
+    else:  # a hub name: transformers resolves it (only when online)
+        card, config, found = {}, {}, kind or TEXT_CLASSIFIER
+    if kind is not None and found != kind:
+        raise TunelabError(f"{role}: {source} holds a {found} (expected a {kind})")
+    if found == IMAGE_CLASSIFIER:
+        return _load_timm(Path(source), card, config, role)
+    return _load_hf(source, found, card, role, trust_remote_code)
+
+
+def _load_timm(folder: Path, card: dict, config: dict, role: str) -> Artifact:
+    from tunelab.models.vision import ImageModel
+
+    net = ImageModel.from_exported(folder, role=role)
+    labels = card.get("labels") or config.get("label_names")
+    preprocessing = card.get("preprocessing") or {"image": dict(config.get("pretrained_cfg", {}))}
+    return Artifact(str(folder), IMAGE_CLASSIFIER, net, labels, None, preprocessing, card)
+
+
+def _load_hf(source: str, kind: str, card: dict, role: str, trust_remote_code: bool) -> Artifact:
+    from transformers import AutoConfig
+
+    from tunelab.models.text import TextModel
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise TunelabError(f"{role}: could not load a model config from {source!r} ({e})") from None
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith(HF_SUFFIX[kind]) for a in archs):
+        raise TunelabError(f"{role}: {source} is a {archs[0]}, not a {kind} (expected a model like the model/ "
+                           f"of a `python train.py task={'mlm' if kind == MASKED_LM else 'finetune'}` run)")
+    names = [str(config.id2label[i]) for i in sorted(config.id2label)] if kind == TEXT_CLASSIFIER else None
+    generic = names is None or all(GENERIC_LABEL.fullmatch(n) for n in names)
+    labels = card.get("labels") or (None if generic else names)  # None: the checkpoint names no classes
+    try:
+        net = TextModel(HEADS[kind], names, pretrained=source, trust_remote_code=trust_remote_code)
+    except TunelabError as e:
+        raise TunelabError(f"{role}: {e}") from None
+    tokenizer = own_tokenizer(source, trust_remote_code)
+    preprocessing = card.get("preprocessing") or {"text": {"tokenizer": "." if tokenizer is not None else None}}
+    return Artifact(source, kind, net, labels, tokenizer, preprocessing, card)
+
+
+def own_tokenizer(source: str, trust_remote_code: bool = False) -> Any | None:
+    """The tokenizer saved with a model, or None when it has none."""
+    from transformers import AutoTokenizer
+
+    local = Path(source)
+    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------- saving
+def save(directory: str | Path, net: Any, *, labels: list[str] | None = None, tokenizer: Any | None = None,
+         data_config: dict | None = None, max_length: int | None = None, card: dict[str, Any] | None = None) -> Path:
+    """Write `net` (a TextModel or ImageModel) in its ecosystem's format, then its card."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if net.modality == "image":
+        kind = IMAGE_CLASSIFIER
+        _save_timm(directory, net, data_config or {})
+        preprocessing = {"image": image_preprocessing(data_config or {})}
+    else:
+        kind = MASKED_LM if net.head == "masked_lm" else TEXT_CLASSIFIER
+        net.net.save_pretrained(directory, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+        preprocessing = {"text": {"tokenizer": "." if tokenizer is not None else None, "max_length": max_length,
+                                  "truncation": True}}
+    full = {"format": "tunelab-artifact", "version": 1, "kind": kind, "labels": labels,
+            "preprocessing": preprocessing, **(card or {}), "versions": versions(),
+            "sha256": weights_digest(directory)}
+    (directory / CARD).write_text(json.dumps(full, indent=2, default=str))
+    (directory / "README.md").write_text(model_card(full))
+    return directory
+
+
+def _save_timm(directory: Path, net: Any, data_config: dict) -> None:
+    """timm's config.json and model.safetensors, with the preprocessing the model was trained with in its
+    pretrained_cfg, so `timm.data.resolve_data_config(model=...)` reproduces it."""
+    from timm.models import save_for_hf
+
+    if data_config:
+        net.net.pretrained_cfg = {**net.net.pretrained_cfg, **data_config, "num_classes": len(net.labels)}
+    save_for_hf(net.net, directory, model_config={"label_names": net.labels}, safe_serialization=True)
+    config = json.loads((directory / "config.json").read_text())
+    config.setdefault("architecture", net.name)
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def image_preprocessing(data_config: dict) -> dict[str, Any]:
+    keys = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items() if k in keys}
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+# ----------------------------------------------------------------------------- the human card
+LOAD_SNIPPET = {
+    TEXT_CLASSIFIER: ('from transformers import AutoModelForSequenceClassification, AutoTokenizer\n'
+                      'model = AutoModelForSequenceClassification.from_pretrained("{path}")\n'
+                      'tokenizer = AutoTokenizer.from_pretrained("{path}")\n'
+                      'inputs = tokenizer(["a text"], truncation=True, max_length={max_length}, return_tensors="pt")\n'
+                      'label = model.config.id2label[model(**inputs).logits.argmax(-1).item()]'),
+    MASKED_LM: ('from transformers import pipeline\n'
+                'fill = pipeline("fill-mask", model="{path}")\n'
+                'fill("this product is [MASK].")'),
+    IMAGE_CLASSIFIER: ('import timm\n'
+                       'net = timm.create_model("local-dir:{path}", pretrained=True).eval()\n'
+                       'config = timm.data.resolve_data_config(model=net)   # {size}\n'
+                       'transform = timm.data.create_transform(**config)'),
+}
+
+
+def model_card(card: dict[str, Any]) -> str:
+    """A Hugging Face style README.md: what the model is, how to load it, its metrics, how it was made."""
+    kind = card["kind"]
+    library = "timm" if kind == IMAGE_CLASSIFIER else "transformers"
+    text = card.get("preprocessing", {}).get("text", {})
+    image = card.get("preprocessing", {}).get("image", {})
+    snippet = LOAD_SNIPPET[kind].format(path=card.get("path", "."), max_length=text.get("max_length"),
+                                        size=f"input_size {image.get('input_size')}")
+    metrics = card.get("metrics") or {}
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()) if isinstance(v, float))
+    parents = "\n".join(f"- {p['role']}: `{p['source']}` (sha256 {str(p.get('sha256'))[:16]})"
+                        for p in card.get("parents") or []) or "- none (trained from scratch)"
+    labels = ", ".join(card.get("labels") or []) or "none"
+    return f"""---
+library_name: {library}
+tags: [tunelab, {kind}]
+---
+
+# {kind} made by `task={card.get("task")}`
+
+A {kind.replace("-", " ")} trained with tunelab. Labels: {labels}.
+
+## How to load it (no tunelab needed)
+
+```python
+{snippet}
+```
+
+Preprocessing: `{json.dumps(card.get("preprocessing"))}`.
+
+## Metrics
+
+| metric | value |
+| --- | --- |
+{rows or "| (none) | |"}
+
+## How it was made
+
+- run: `{card.get("run", {}).get("folder")}` (its resolved config is in `{CARD}`)
+{parents}
+- versions: {", ".join(f"{k} {v}" for k, v in (card.get("versions") or {}).items() if v)}
+"""
+
+
+def write_atomic_dir(tmp: Path, target: Path) -> None:
+    """Replace folder `target` by `tmp` (a finished write); an older `target` is removed first."""
+    import shutil
+
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)

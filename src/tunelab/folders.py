@@ -1,0 +1,26 @@
+"""Model folders given by the user (`model.pretrained`, `data.tokenizer`), checked before anything loads them.
+
+Both the text model and the tokenizer loader check the same path, so the check lives below both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+
+
+def check_pretrained(source: str) -> str:
+    """Fail early, naming the path, when a local model directory is missing or holds no model."""
+    path = Path(source).expanduser()
+    looks_local = path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
+    if not looks_local:
+        return source  # a hub name: resolved by transformers when online
+    if not path.is_dir():
+        raise TunelabError(f"model.pretrained: directory not found: {path} (expected a Hugging Face model folder)")
+    if not (path / "config.json").is_file():
+        raise TunelabError(
+            f"model.pretrained: {path} holds no model (expected config.json and model.safetensors, as written "
+            "by save_pretrained)"
+        )
+    return str(path.resolve())

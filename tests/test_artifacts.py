@@ -152,3 +152,20 @@ def test_load_reads_run_folders_and_plain_folders(make_cfg, tiny_hf_dir: Path) -
     assert plain.kind == artifacts.MASKED_LM and plain.card == {}
     with pytest.raises(Exception, match="holds a masked-lm"):
         artifacts.load(tiny_hf_dir, kind=artifacts.TEXT_CLASSIFIER)
+
+
+def test_checkpoint_carries_its_config_and_rebuilds_from_it(make_cfg, tmp_path: Path) -> None:
+    from conftest import compose_cfg, expect_error
+
+    cfg = make_cfg("model.hidden_size=64", "model.intermediate_size=128")
+    run(cfg)
+    out = Path(cfg.paths.output_dir)
+    best = json.loads((out / "metrics.json").read_text())["best_checkpoint"]
+    trained = json.loads((out / "metrics.json").read_text())["metrics"]["test/acc"]
+    # no model overrides: the checkpoint's own model config is used
+    again = compose_cfg(["train=false", f"ckpt_path={best}", "trainer.limit_test_batches=2"], tmp_path / "eval")
+    run(again)
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]["test/acc"]
+    assert evaluated == trained
+    other = compose_cfg(["train=false", f"ckpt_path={best}", "model.hidden_size=32"], tmp_path / "other")
+    expect_error(other, "trained with another model config", "model.hidden_size=32 here vs 64 in the checkpoint")

@@ -114,7 +114,8 @@ class ResumeState(Callback):
     checkpoint was written from: the next draw is the one the uninterrupted run made next.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, config: dict[str, Any] | None = None) -> None:
+        self.config = config  # the resolved run config: a checkpoint says what it is a checkpoint of
         self.metrics: dict[str, float] = {}  # logged before this process started (a resumed run's past)
         self._rng: dict[str, Any] | None = None
         self._trainer: Trainer | None = None
@@ -124,7 +125,7 @@ class ResumeState(Callback):
         logged = dict(self.metrics)
         if self._trainer is not None:
             logged.update(scalars(self._trainer.callback_metrics))
-        return {"rng": rng_states(), "metrics": logged}
+        return {"rng": rng_states(), "metrics": logged, "config": self.config}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -141,6 +142,11 @@ class ResumeState(Callback):
         if self._rng is not None:
             set_rng_states(self._rng)
             self._rng = None
+
+
+def saved_config(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The resolved run config a checkpoint was written with (None for checkpoints from elsewhere)."""
+    return checkpoint.get("callbacks", {}).get(ResumeState.__qualname__, {}).get("config")
 
 
 def restore_loader_position(trainer: Trainer) -> None:

@@ -19,10 +19,10 @@ from lightning.fabric.utilities.logger import _flatten_dict
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tunelab import artifacts, distributed, runs
-from tunelab.checkpoints import AtomicCheckpointIO, ResumeState, scalars
+from tunelab.checkpoints import AtomicCheckpointIO, ResumeState, saved_config, scalars
 from tunelab.checks import check_values
 from tunelab.config import build, check_required, register_resolvers, validate
 from tunelab.errors import TunelabError
@@ -47,6 +47,8 @@ def run(cfg: DictConfig) -> float | None:
 
 
 def _run(cfg: DictConfig, out: Path, resumed: bool, primary: bool) -> float | None:
+    if not cfg.get("train", True) and cfg.get("ckpt_path") not in (None, "last"):
+        adopt_checkpoint_config(cfg, str(cfg.ckpt_path))
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build(cfg.data)
     check_modalities(cfg, datamodule)
@@ -59,7 +61,7 @@ def _run(cfg: DictConfig, out: Path, resumed: bool, primary: bool) -> float | No
     ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), out)
     if ckpt_path:
         check_checkpoint(ckpt_path, task, cfg, resumed)
-    resume_state = ResumeState()
+    resume_state = ResumeState(resolved(cfg))
     callbacks = [build(c) for c in cfg.get("callbacks", {}).values() if c is not None] + [resume_state]
     loggers = [build(c) for c in cfg.get("logger", {}).values() if c is not None]
     if not loggers:  # logger=none: drop the callbacks that only exist to log
@@ -127,6 +129,40 @@ def resolve_checkpoint(ckpt_path: str | None, out: Path) -> str | None:
     if not path.is_file():
         raise TunelabError(f"ckpt_path={ckpt_path}: file not found ({path}; expected a Lightning .ckpt file)")
     return str(path)
+
+
+def resolved(cfg: DictConfig) -> dict[str, Any]:
+    """The run's config as plain values (without Hydra's own node): what checkpoints and cards record."""
+    return {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+            for k, v in cfg.items() if k != "hydra"}
+
+
+def adopt_checkpoint_config(cfg: DictConfig, path: str) -> None:
+    """`train=false ckpt_path=<file>`: evaluate the checkpoint as what it is. Its model and task come from its
+    own config unless given on the command line; a model config given there must be the checkpoint's."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        return  # resolve_checkpoint names the missing file
+    try:
+        saved = saved_config(torch.load(file, map_location="cpu", weights_only=True))
+    except Exception as e:
+        raise TunelabError(f"ckpt_path={path}: not a readable Lightning checkpoint ({e})") from None
+    if not saved or "model" not in saved:
+        return  # a checkpoint from elsewhere: the composed config has to fit it
+    given = [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
+    if any(key == "model" or key.startswith("model.") for key in given):
+        mine = OmegaConf.to_container(cfg.model, resolve=True)
+        if mine != saved["model"]:
+            differ = sorted(k for k in set(mine) | set(saved["model"]) if mine.get(k) != saved["model"].get(k))
+            detail = ", ".join(f"model.{k}={mine.get(k)!r} here vs {saved['model'].get(k)!r} in the checkpoint"
+                               for k in differ[:4])
+            raise TunelabError(f"ckpt_path={path}: the checkpoint was trained with another model config ({detail}); "
+                               "drop the model overrides to evaluate it as it was trained")
+        return
+    with open_dict(cfg):
+        cfg.model = saved["model"]
+        cfg.task = saved["task"]
+        cfg.task_name = saved.get("task_name", cfg.task_name)
 
 
 def check_checkpoint(path: str, task: L.LightningModule, cfg: DictConfig, resumed: bool) -> None:
@@ -240,10 +276,8 @@ def run_card(out: Path, cfg: DictConfig, task: Any, metrics: dict) -> dict:
     teacher = getattr(task, "teacher", None)
     parents = [artifacts.parent("pretrained", model.get("pretrained") or model.get("pretrained_file")),
                artifacts.parent("teacher", getattr(teacher, "source", None))]
-    config = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-              for k, v in cfg.items() if k != "hydra"}
     return {"task": cfg.task_name, "path": str(out / "model"), "metrics": metrics,
-            "parents": [p for p in parents if p], "run": {"folder": str(out), "config": config}}
+            "parents": [p for p in parents if p], "run": {"folder": str(out), "config": resolved(cfg)}}
 
 
 def point_latest(target: Path, link: Path) -> None:

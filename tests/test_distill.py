@@ -20,11 +20,12 @@ from transformers import (
     BertForSequenceClassification,
 )
 
+from tunelab import artifacts
 from tunelab.data.teacher_cache import load_or_build
 from tunelab.errors import TunelabError
 from tunelab.models.teacher import load_teacher
 from tunelab.models.vision import ImageModel
-from tunelab.tasks.distill import hidden_loss, kd_loss
+from tunelab.tasks.distill_losses import hidden_loss, kd_loss
 from tunelab.train import run
 
 WORDS = ("book", "kettle", "phone", "film", "lamp", "chair")
@@ -272,7 +273,8 @@ def image_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def timm_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("timm_teacher")
-    ImageModel("classifier", ["class0", "class1", "class2"], name="resnet10t").export(path)
+    labels = ["class0", "class1", "class2"]
+    artifacts.save(path, ImageModel("classifier", labels, name="resnet10t"), labels=labels)
     return path
 
 
@@ -385,7 +387,7 @@ def test_image_teacher_normalised_differently(make_cfg, image_data: Path, timm_t
 
 # ----------------------------------------------------------------------------------------------- masked LM
 def test_masked_kd_uses_the_masked_positions_only() -> None:
-    from tunelab.tasks.distill import masked_kd_loss
+    from tunelab.tasks.distill_losses import masked_kd_loss
 
     g = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(6, 11, generator=g), torch.randn(6, 11, generator=g)

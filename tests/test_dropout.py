@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForMaskedLM
 
+from tunelab import artifacts
 from tunelab.data.tokenizer import train_wordpiece
 from tunelab.models.dropout import ATTENTION, Dropout, dropout, keep_mask, scaled_dot_product_attention
 from tunelab.models.text import TextModel
@@ -74,7 +75,7 @@ def test_text_models_use_it_and_save_stock_files(tmp_path: Path) -> None:
     model.eval()
     with torch.no_grad():
         ours = model(batch).logits
-    model.export(tmp_path / "model", tokenizer)
+    artifacts.save(tmp_path / "model", model, tokenizer=tokenizer)
     assert ATTENTION not in (tmp_path / "model" / "config.json").read_text()
     json.loads((tmp_path / "model" / "config.json").read_text())
     stock = AutoModelForMaskedLM.from_pretrained(tmp_path / "model").eval()

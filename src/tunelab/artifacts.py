@@ -28,6 +28,8 @@ TEXT_CLASSIFIER, MASKED_LM, IMAGE_CLASSIFIER = "text-classifier", "masked-lm", "
 KINDS = (TEXT_CLASSIFIER, MASKED_LM, IMAGE_CLASSIFIER)
 HEADS = {TEXT_CLASSIFIER: "classifier", MASKED_LM: "masked_lm", IMAGE_CLASSIFIER: "classifier"}
 HF_SUFFIX = {TEXT_CLASSIFIER: "ForSequenceClassification", MASKED_LM: "ForMaskedLM"}
+WORDS = {TEXT_CLASSIFIER: "sequence classifier", MASKED_LM: "masked language model",
+         IMAGE_CLASSIFIER: "image classifier"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 GENERIC_LABEL = re.compile(r"LABEL_\d+")
 PACKAGES = ("tunelab", "torch", "transformers", "timm", "lightning", "tokenizers")
@@ -124,8 +126,11 @@ def parent(role: str, source: str | None) -> dict[str, Any] | None:
 
 
 # ----------------------------------------------------------------------------- loading
-def load(path: str | Path, kind: str | None = None, role: str = "model", trust_remote_code: bool = False) -> Artifact:
-    """Load any folder this project wrote, a plain HF/timm folder, or (online) a hub name."""
+def load(path: str | Path, kind: str | None = None, role: str = "model", trust_remote_code: bool = False,
+         kinds: list[str] | None = None) -> Artifact:
+    """Load any folder this project wrote, a plain HF/timm folder, or (online) a hub name; `kind` (or any of
+    `kinds`) is what the caller can use."""
+    kinds = kinds or ([kind] if kind else None)
     source = str(path)
     if is_local(source):
         folder = model_dir(source, role)
@@ -133,18 +138,30 @@ def load(path: str | Path, kind: str | None = None, role: str = "model", trust_r
         found = card.get("kind") or kind_of(config)
         source = str(folder)
     else:  # a hub name: transformers resolves it (only when online)
-        card, config, found = {}, {}, kind or TEXT_CLASSIFIER
-    if kind is not None and found != kind:
-        raise TunelabError(f"{role}: {source} holds a {found} (expected a {kind})")
+        card, config, found = {}, {}, (kinds or [TEXT_CLASSIFIER])[0]
+    if kinds and found not in kinds:
+        what = (config.get("architectures") or [config.get("architecture") or found])[0]
+        wanted = " or ".join(WORDS[k] for k in kinds)
+        raise TunelabError(f"{role}: {source} is a {what}, not a {wanted} (it holds a {found})")
     if found == IMAGE_CLASSIFIER:
         return _load_timm(Path(source), card, config, role)
     return _load_hf(source, found, card, role, trust_remote_code)
 
 
 def _load_timm(folder: Path, card: dict, config: dict, role: str) -> Artifact:
+    """timm's config.json + model.safetensors, classifier included, with the preprocessing it was trained with
+    (the exported pretrained_cfg: input size, mean, std)."""
     from tunelab.models.vision import ImageModel
 
-    net = ImageModel.from_exported(folder, role=role)
+    if "num_classes" not in config:
+        raise TunelabError(f"{role}: {folder / 'config.json'} is not a timm model config (expected 'architecture' "
+                           "and 'num_classes')")
+    if not (folder / "model.safetensors").is_file():
+        raise TunelabError(f"{role}: {folder} has no model.safetensors (expected the weights next to config.json)")
+    names = config.get("label_names") or [str(i) for i in range(int(config["num_classes"]))]
+    net = ImageModel("classifier", names, name=config["architecture"],
+                     pretrained_file=str(folder / "model.safetensors"), keep_classifier=True)
+    net.net.pretrained_cfg = {**net.net.pretrained_cfg, **config.get("pretrained_cfg", {})}
     labels = card.get("labels") or config.get("label_names")
     preprocessing = card.get("preprocessing") or {"image": dict(config.get("pretrained_cfg", {}))}
     return Artifact(str(folder), IMAGE_CLASSIFIER, net, labels, None, preprocessing, card)

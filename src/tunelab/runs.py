@@ -162,7 +162,7 @@ def claim(out: Path, ckpt_path: Any) -> bool:
     if _try_lock(out) is None:
         raise TunelabError(f"run folder {out} is in use by process {holder(out)} (expected one process per run; "
                            "wait for it to end)")
-    if is_finished(out):
+    if ckpt_path == "last" and is_finished(out):
         raise TunelabError(f"run folder {out} holds a finished run (expected an unfinished one to continue)")
     resumed = bool(decision and decision.resumed) or (out / LAST).is_file()
     clean_partial_writes(out)

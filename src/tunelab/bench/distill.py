@@ -18,6 +18,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
+from tunelab import artifacts
 from tunelab.bench.common import median_ratio
 from tunelab.config import compose_config
 from tunelab.models.text import TextModel
@@ -42,7 +43,8 @@ class EpochTimer(L.Callback):
 
 def make_teacher(datamodule: Any, folder: Path) -> Path:
     """A bert_mini classifier on the data's tokenizer: timing needs its cost, not its accuracy."""
-    TextModel("classifier", datamodule.labels, datamodule.tokenizer, **TEACHER).export(folder, datamodule.tokenizer)
+    net = TextModel("classifier", datamodule.labels, datamodule.tokenizer, **TEACHER)
+    artifacts.save(folder, net, labels=datamodule.labels, tokenizer=datamodule.tokenizer)
     return folder
 
 
@@ -65,7 +67,7 @@ def epoch_time(cfg: Any, datamodule: Any, cache: bool) -> tuple[float, float]:
 
 def forward_cost(task: Any, datamodule: Any) -> float:
     """Teacher forward time over student forward time on one training batch."""
-    from tunelab.tasks.distill import cpu_latency
+    from tunelab.latency import cpu_latency
 
     batch = next(iter(datamodule.train_dataloader()))
     student_ms, teacher_ms = cpu_latency(task.model, task.teacher.net, batch, repeats=10)

@@ -111,14 +111,11 @@ def load_teacher(path: str | None = None, weights: str | None = None, trust_remo
         if timm.is_model(str(path)):
             raise TunelabError(f"teacher.path={path} is a timm model name: give its trained weights with "
                                "teacher.weights=<file.safetensors> (a teacher without trained weights teaches nothing)")
+    kinds = [artifacts.MASKED_LM] if head == "masked_lm" else [artifacts.TEXT_CLASSIFIER, artifacts.IMAGE_CLASSIFIER]
     try:
-        found = artifacts.load(str(path), role="teacher.path", trust_remote_code=trust_remote_code,
-                               kind=artifacts.MASKED_LM if head == "masked_lm" else None)
+        found = artifacts.load(str(path), role="teacher.path", trust_remote_code=trust_remote_code, kinds=kinds)
     except TunelabError as e:
-        raise TunelabError(f"{e}; make one with `{command}`") from None
-    if head == "classifier" and found.kind == artifacts.MASKED_LM:
-        raise TunelabError(f"teacher.path: {found.source} holds a masked-lm, not a sequence classifier (expected a "
-                           f"model like the model/ of a `{MAKE_ONE}` run)")
+        raise TunelabError(f"{e}; expected a model like the model/ of a `{command}` run") from None
     return Teacher(found.net, found.source, found.labels, found.tokenizer)
 
 

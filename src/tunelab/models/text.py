@@ -310,10 +310,3 @@ class TextModel(nn.Module):
         features, self._features = self._features, None
         return Output(out.logits, features, out.hidden_states if output_hidden_states else None,
                       out.attentions if output_attentions else None)
-
-    def export(self, directory: str | Path, tokenizer: PreTrainedTokenizerBase | None = None,
-               data_config: dict | None = None) -> None:
-        """Write the model (and tokenizer) in Hugging Face format, loadable without tunelab."""
-        self.net.save_pretrained(directory, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)

@@ -18,6 +18,8 @@ def check_pretrained(source: str) -> str:
         return source  # a hub name: resolved by transformers when online
     if not path.is_dir():
         raise TunelabError(f"model.pretrained: directory not found: {path} (expected a Hugging Face model folder)")
+    if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+        path = path / "model"  # a run folder (or logs/<task>/latest): its model/
     if not (path / "config.json").is_file():
         raise TunelabError(
             f"model.pretrained: {path} holds no model (expected config.json and model.safetensors, as written "

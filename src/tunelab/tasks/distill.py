@@ -2,17 +2,15 @@
 
 The loss is Hinton et al.'s `alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(p_teacher^T || p_student^T)`,
 optionally plus hidden-state matching (through learned projections when widths differ) and, for text,
-attention-map matching. The teacher (see `tunelab.models.teacher`) is frozen and is never part of this
-module's state; with `cache_teacher` its training-set outputs are read from a memory-mapped cache
-(`tunelab.data.teacher_cache`) instead of recomputed every epoch. `task.alpha=1` trains the same student on
-the labels alone, the no-distillation baseline.
+attention-map matching (`tunelab.tasks.distill_losses`). The teacher (see `tunelab.models.teacher`) is frozen
+and is never part of this module's state; with `cache_teacher` its training-set outputs are read from a
+memory-mapped cache (`tunelab.data.teacher_cache`) instead of recomputed every epoch. `task.alpha=1` trains the
+same student on the labels alone, the no-distillation baseline. Settings and the fit of teacher, student and
+data are checked first (`tunelab.tasks.distill_checks`); layers are paired and copied by `tunelab.models.surgery`.
 """
 
 from __future__ import annotations
 
-import re
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,58 +20,22 @@ from lightning import LightningDataModule
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from tunelab.artifacts import own_tokenizer
-from tunelab.contracts import IGNORE_INDEX, Layer, Output
+from tunelab.contracts import IGNORE_INDEX
 from tunelab.data.teacher_cache import TeacherCache, check_static, load_or_build
 from tunelab.errors import TunelabError
+from tunelab.latency import cpu_latency
+from tunelab.models.surgery import attention_pairs, init_from, outputs_by_layer, projection, resolve_layer_map
 from tunelab.models.teacher import Teacher
+from tunelab.tasks.distill_checks import check_attention, check_data_fits, check_settings, check_student_vocab
+from tunelab.tasks.distill_losses import (
+    attention_loss,
+    hidden_loss,
+    kd_loss,
+    masked_kd_loss,
+    soft_target_loss,
+)
 from tunelab.tasks.finetune import FinetuneTask
 from tunelab.tasks.mlm import MLMTask
-
-LAYER_INDEX = re.compile(r"(\.layers?\.)(\d+)\.")
-
-
-# ----------------------------------------------------------------------------------------------- losses
-def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """`T^2 * KL(softmax(teacher/T) || softmax(student/T))`, averaged over the rows (one row per prediction)."""
-    t = temperature
-    return F.kl_div(F.log_softmax(student_logits.float() / t, dim=-1), F.log_softmax(teacher_logits.float() / t, dim=-1),
-                    reduction="batchmean", log_target=True) * t * t
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor, alpha: float,
-            temperature: float, label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
-    """Hinton KD: `alpha * CE + (1 - alpha) * soft-target loss`; each part returned for logging.
-
-    CE averages over the labelled rows only: rows labelled -100 (a transfer set, `data.unlabelled_file`)
-    learn from the teacher alone. Summed then divided, so a batch without labels gives 0, not NaN.
-    """
-    labelled = (labels != IGNORE_INDEX).sum().clamp(min=1)
-    ce = F.cross_entropy(student_logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum",
-                         label_smoothing=label_smoothing) / labelled
-    if teacher_logits is None or alpha >= 1:
-        return {"loss": ce, "ce": ce}
-    kd = soft_target_loss(student_logits, teacher_logits, temperature)
-    return {"loss": alpha * ce + (1 - alpha) * kd, "ce": ce, "kd": kd}
-
-
-def hidden_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None, kind: str) -> torch.Tensor:
-    """MSE or (1 - cosine) between matched hidden states, over real tokens only (mask: batch x length)."""
-    student, teacher = student.float(), teacher.float()
-    per_row = ((student - teacher) ** 2).mean(-1) if kind == "mse" else 1 - F.cosine_similarity(student, teacher, dim=-1)
-    if mask is None or per_row.dim() == 1:
-        return per_row.mean()
-    mask = mask.to(per_row.dtype)
-    return (per_row * mask).sum() / mask.sum().clamp(min=1)
-
-
-def attention_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """MSE between head-averaged attention maps (batch x heads x length x length), over real token pairs."""
-    diff = (student.float().mean(1) - teacher.float().mean(1)) ** 2
-    if mask is None:
-        return diff.mean()
-    pairs = (mask[:, :, None] * mask[:, None, :]).to(diff.dtype)
-    return (diff * pairs).sum() / pairs.sum().clamp(min=1)
 
 
 # ----------------------------------------------------------------------------------------------- the task
@@ -318,234 +280,3 @@ class MaskedLMDistillTask(MLMTask):
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=n)
         self.log("train/acc", self.acc["train_acc"], on_step=False, on_epoch=True)
         return total
-
-
-def masked_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, targets: torch.Tensor,
-                   alpha: float, temperature: float) -> dict[str, torch.Tensor]:
-    """`kd_loss` over the predicted (masked) positions only: rows whose target is -100 are padding."""
-    keep = targets != IGNORE_INDEX
-    teacher_rows = teacher_logits[keep] if teacher_logits is not None else None
-    return kd_loss(student_logits[keep], teacher_rows, targets[keep], alpha, temperature)
-
-
-# ----------------------------------------------------------------------------------------------- checks
-def check_settings(alpha: float, temperature: float, hidden_weight: float, hidden_kind: str,
-                   attention_weight: float, cache_teacher: bool) -> None:
-    if not 0.0 <= alpha <= 1.0:
-        raise TunelabError(f"task.alpha={alpha}: expected a weight in [0, 1] (1: labels only, no distillation)")
-    if temperature <= 0:
-        raise TunelabError(f"task.temperature={temperature}: expected a positive temperature (e.g. 2 or 4)")
-    if hidden_weight < 0 or attention_weight < 0:
-        raise TunelabError("task.hidden_weight and task.attention_weight: expected weights >= 0 (0: off)")
-    if hidden_kind not in ("mse", "cosine"):
-        raise TunelabError(f"task.hidden_loss={hidden_kind!r}: expected mse or cosine")
-    if cache_teacher and attention_weight > 0:
-        raise TunelabError("task.cache_teacher=true keeps logits and hidden states, not attention maps: set "
-                           "task.attention_weight=0, or task.cache_teacher=false")
-
-
-def check_data_fits(teacher: Teacher, datamodule: LightningDataModule, labels: bool = True) -> None:
-    """Same modality, same label set, same tokenizer vocabulary: otherwise the soft labels mean nothing."""
-    have = getattr(datamodule, "modality", None)
-    if have and have != teacher.modality:
-        raise TunelabError(f"teacher.path: the teacher {teacher.source} is a {teacher.modality} model but the data is "
-                           f"{have} data (expected a teacher fine-tuned on this data)")
-    if labels:
-        check_labels(teacher, list(datamodule.labels or []))
-    check_normalisation(teacher, datamodule)
-    check_vocabulary(teacher, datamodule)
-
-
-def check_labels(teacher: Teacher, labels: list[str]) -> None:
-    if teacher.labels is not None and list(teacher.labels) != labels:
-        raise TunelabError(
-            f"teacher.path: the teacher {teacher.source} predicts labels {teacher.labels} but the data has {labels} "
-            "(expected the same label set in the same order; data.labels fixes the data's order)"
-        )
-    if teacher.num_classes != len(labels):
-        raise TunelabError(f"teacher.path: the teacher {teacher.source} has {teacher.num_classes} classes but the "
-                           f"data has {len(labels)} ({labels})")
-
-
-def check_vocabulary(teacher: Teacher, datamodule: LightningDataModule) -> None:
-    data_tok = getattr(datamodule, "tokenizer", None)
-    if teacher.tokenizer is not None and data_tok is not None and teacher.tokenizer.get_vocab() != data_tok.get_vocab():
-        source = getattr(datamodule, "tokenizer_source", None) or "a WordPiece vocabulary trained on the data"
-        raise TunelabError(
-            f"the data is tokenized with {source} ({len(data_tok)} tokens) but the teacher {teacher.source} has its "
-            f"own tokenizer ({len(teacher.tokenizer)} tokens) with a different vocabulary: the student must read "
-            f"the teacher's tokens (expected data.tokenizer={teacher.source}, which teacher.path=<model folder> sets)"
-        )
-
-
-PREPROCESSING = ("mean", "std", "interpolation", "crop_pct", "crop_mode")  # input_size: data.image_size decides
-
-
-def check_normalisation(teacher: Teacher, datamodule: LightningDataModule) -> None:
-    """An image teacher must see pixels prepared as in its own training (normalisation, resize and crop),
-    or its soft labels are noise and its accuracy drops."""
-    data_config = getattr(datamodule, "data_config", None)
-    pretrained = getattr(getattr(teacher.net, "net", None), "pretrained_cfg", None)
-    if teacher.modality != "image" or data_config is None or not pretrained:
-        return
-    import timm
-
-    want = timm.data.resolve_data_config(pretrained_cfg=dict(pretrained))
-
-    def norm(value: Any) -> Any:
-        return tuple(round(float(x), 4) for x in value) if isinstance(value, list | tuple) else value
-
-    differ = [f"{k} {norm(data_config.get(k))} vs {norm(want.get(k))}" for k in PREPROCESSING
-              if norm(data_config.get(k)) != norm(want.get(k))]
-    if differ:
-        raise TunelabError(
-            f"the data prepares images for data.model_name={getattr(datamodule, 'model_name', None)} but the teacher "
-            f"{teacher.net.name} was trained with other preprocessing ({'; '.join(differ)}; data vs teacher): set "
-            f"data.model_name={teacher.net.name} so the student sees the teacher's inputs"
-        )
-
-
-def check_student_vocab(model: Callable[..., nn.Module], datamodule: LightningDataModule) -> None:
-    """A pretrained student must share the data's (the teacher's) vocabulary, not just fit its size."""
-    pretrained = getattr(model, "keywords", {}).get("pretrained")
-    data_tok = getattr(datamodule, "tokenizer", None)
-    if not pretrained or data_tok is None:
-        return
-    own = own_tokenizer(str(pretrained), bool(model.keywords.get("trust_remote_code", False)))
-    if own is not None and own.get_vocab() != data_tok.get_vocab():
-        raise TunelabError(
-            f"model.pretrained: the student {pretrained} has its own tokenizer ({len(own)} tokens) with a vocabulary "
-            f"that differs from the teacher's ({len(data_tok)} tokens); expected a student built from the teacher's "
-            "tokenizer (a from-scratch model=bert_tiny, or task.init_from_teacher=true)"
-        )
-
-
-# ----------------------------------------------------------------------------------------------- layers
-def num_layers(model: nn.Module) -> int:
-    """Hidden states 0..n exist for text models; image models expose only `features`."""
-    return int(model.net.config.num_hidden_layers) if getattr(model, "modality", "") == "text" else 0
-
-
-def parse_layer(value: Any) -> Layer:
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    return value if isinstance(value, str) else int(value)
-
-
-def resolve_layer_map(layer_map: dict[Any, Any] | None, student: nn.Module, teacher: Teacher) -> dict[Layer, Layer]:
-    """{student layer: teacher layer}; by default each student layer is paired with the teacher layer at the
-    same relative depth (text), or the pooled features (images). Names that do not exist fail here."""
-    s_n, t_n = num_layers(student), teacher.num_layers()
-    if layer_map is None:
-        if s_n == 0 or t_n == 0:
-            return {"features": "features"}
-        return {s: s * t_n // s_n for s in range(1, s_n + 1)}
-    resolved = {parse_layer(s): parse_layer(t) for s, t in dict(layer_map).items()}
-    for side, n, names in (("student", s_n, resolved.keys()), ("teacher", t_n, resolved.values())):
-        valid = f"hidden states 0..{n} and 'features'" if n else "'features' only, the pooled vector"
-        for name in names:
-            if name != "features" and not (isinstance(name, int) and 0 <= name <= n):
-                raise TunelabError(f"task.layer_map: the {side} has no layer {name!r} (valid: {valid})")
-    if not resolved:
-        raise TunelabError("task.layer_map is empty (expected {student layer: teacher layer}, e.g. {2: 4})")
-    for s, t in resolved.items():
-        if (s == "features") != (t == "features"):
-            raise TunelabError(f"task.layer_map: {s!r}: {t!r} pairs the pooled 'features' with a per-token hidden "
-                               "state (expected 'features' to map to 'features', and layer numbers to layer numbers)")
-    return resolved
-
-
-def attention_pairs(layer_map: dict[Layer, Layer]) -> list[tuple[int, int]]:
-    """Attention maps exist for transformer layers 1..n (hidden state i comes out of layer i)."""
-    return [(s, t) for s, t in layer_map.items() if isinstance(s, int) and isinstance(t, int) and s > 0 and t > 0]
-
-
-def check_attention(pairs: list[tuple[int, int]], student: nn.Module, teacher: Teacher) -> None:
-    if teacher.modality != "text" or getattr(student, "modality", "") != "text":
-        raise TunelabError("task.attention_weight > 0 matches attention maps, which only text models have "
-                           "(expected task.attention_weight=0 for image models)")
-    if not pairs:
-        raise TunelabError("task.attention_weight > 0 but task.layer_map pairs no transformer layers (expected "
-                           "student and teacher layers >= 1, e.g. {1: 2, 2: 4})")
-    for net in (student.net, teacher.net.net):  # SDPA kernels do not return attention probabilities
-        net.set_attn_implementation("eager")
-
-
-def outputs_by_layer(out: Output, layers: set[Layer], attention_layers: list[int]) -> dict[Any, torch.Tensor]:
-    """Logits plus the requested hidden states/features and attention maps, keyed by layer name."""
-    res: dict[Any, torch.Tensor] = {"logits": out.logits}
-    for layer in layers:
-        res[layer] = out.features if layer == "features" else out.hidden_states[layer]
-    for layer in attention_layers:
-        res[("attention", layer)] = out.attentions[layer - 1]
-    return res
-
-
-def projection(student_width: int, teacher_width: int) -> nn.Module:
-    """A learned map into the teacher's width (identity when the widths already agree)."""
-    return nn.Identity() if student_width == teacher_width else nn.Linear(student_width, teacher_width)
-
-
-# ----------------------------------------------------------------------------------------------- init from teacher
-def init_from(student: nn.Module, teacher: Teacher, layers: list[int] | None) -> list[int]:
-    """Copy the teacher into the student, layer `layers[i]` into student layer i (default: every other layer,
-    as DistilBERT does). Needs the same architecture and widths; fails naming what differs."""
-    if teacher.modality != "text" or getattr(student, "modality", "") != "text":
-        raise TunelabError("task.init_from_teacher copies transformer layers: text teachers and students only")
-    s_cfg, t_cfg = student.net.config, teacher.net.net.config
-    keys = ("model_type", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size",
-            "max_position_embeddings")
-    differ = [f"{k} {getattr(s_cfg, k, None)} vs {getattr(t_cfg, k, None)}" for k in keys
-              if getattr(s_cfg, k, None) != getattr(t_cfg, k, None)]
-    if differ:
-        raise TunelabError(
-            f"task.init_from_teacher: the student differs from the teacher in {', '.join(differ)} (student vs "
-            f"teacher; copying layers needs the teacher's architecture and widths with fewer layers, e.g. "
-            f"model.hidden_size={t_cfg.hidden_size} model.num_heads={t_cfg.num_attention_heads} "
-            f"model.intermediate_size={t_cfg.intermediate_size} model.max_position_embeddings="
-            f"{t_cfg.max_position_embeddings} model.num_layers={max(1, t_cfg.num_hidden_layers // 2)})"
-        )
-    s_n, t_n = s_cfg.num_hidden_layers, t_cfg.num_hidden_layers
-    layers = list(layers) if layers is not None else [i * t_n // s_n for i in range(s_n)]
-    if len(layers) != s_n or not all(0 <= t < t_n for t in layers):
-        raise TunelabError(f"task.init_layers={layers}: expected {s_n} teacher layer indices in 0..{t_n - 1}, one per "
-                           "student layer")
-    source = teacher.net.net.state_dict()
-    state = {}
-    for key, value in student.net.state_dict().items():
-        src = LAYER_INDEX.sub(lambda m: f"{m.group(1)}{layers[int(m.group(2))]}.", key, count=1)
-        if src not in source or source[src].shape != value.shape:
-            raise TunelabError(f"task.init_from_teacher: the teacher has no {src} shaped {tuple(value.shape)}")
-        state[key] = source[src].detach().clone()
-    student.net.load_state_dict(state)
-    return layers
-
-
-# ----------------------------------------------------------------------------------------------- speed
-def cpu_latency(student: nn.Module, teacher: nn.Module, batch: dict[str, torch.Tensor],
-                repeats: int) -> tuple[float, float]:
-    """Median milliseconds per forward pass on the CPU in float32, student and teacher interleaved on one batch."""
-    import copy
-
-    def on_cpu(m: nn.Module) -> nn.Module:
-        p = next(m.parameters())
-        return m if p.device.type == "cpu" and p.dtype == torch.float32 else copy.deepcopy(m).to("cpu", torch.float32)
-
-    nets = [on_cpu(student), on_cpu(teacher)]
-    batch = {k: v.to("cpu", torch.float32) if v.is_floating_point() else v.to("cpu") for k, v in batch.items()}
-    modes = [m.training for m in nets]
-    times: list[list[float]] = [[], []]
-    try:
-        for m in nets:
-            m.eval()
-        with torch.inference_mode():
-            for i in range(repeats + 2):
-                for j, m in enumerate(nets):
-                    start = time.perf_counter()
-                    m(batch)
-                    if i >= 2:  # the first calls warm up allocators and kernels
-                        times[j].append(time.perf_counter() - start)
-    finally:
-        for m, mode in zip(nets, modes, strict=True):
-            m.train(mode)
-    return 1000 * statistics.median(times[0]), 1000 * statistics.median(times[1])

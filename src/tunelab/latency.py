@@ -1,0 +1,41 @@
+"""Forward-pass latency of two networks measured side by side: the ratio is the result, not the milliseconds.
+
+Used by the distillation task (`test/latency_ratio`) and by `make bench`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+
+
+def cpu_latency(student: nn.Module, teacher: nn.Module, batch: dict[str, torch.Tensor],
+                repeats: int) -> tuple[float, float]:
+    """Median milliseconds per forward pass on the CPU in float32, student and teacher interleaved on one batch."""
+    import copy
+
+    def on_cpu(m: nn.Module) -> nn.Module:
+        p = next(m.parameters())
+        return m if p.device.type == "cpu" and p.dtype == torch.float32 else copy.deepcopy(m).to("cpu", torch.float32)
+
+    nets = [on_cpu(student), on_cpu(teacher)]
+    batch = {k: v.to("cpu", torch.float32) if v.is_floating_point() else v.to("cpu") for k, v in batch.items()}
+    modes = [m.training for m in nets]
+    times: list[list[float]] = [[], []]
+    try:
+        for m in nets:
+            m.eval()
+        with torch.inference_mode():
+            for i in range(repeats + 2):
+                for j, m in enumerate(nets):
+                    start = time.perf_counter()
+                    m(batch)
+                    if i >= 2:  # the first calls warm up allocators and kernels
+                        times[j].append(time.perf_counter() - start)
+    finally:
+        for m, mode in zip(nets, modes, strict=True):
+            m.train(mode)
+    return 1000 * statistics.median(times[0]), 1000 * statistics.median(times[1])

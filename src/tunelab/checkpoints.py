@@ -41,8 +41,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class RunCheckpoint(ModelCheckpoint):
     """`ModelCheckpoint` whose step saves write `last.ckpt` only, and whose validation saves always run."""
 
-    def __init__(self, every_n_train_steps: int | None = None, **kwargs: Any) -> None:
-        super().__init__(every_n_train_steps=every_n_train_steps, **kwargs)
+    def __init__(self, every_n_train_steps: int | None = None, enable_version_counter: bool = False,
+                 **kwargs: Any) -> None:
+        # no `-v1` copies: a resumed run that reaches a step again rewrites that step's file (left by the kill)
+        super().__init__(every_n_train_steps=every_n_train_steps, enable_version_counter=enable_version_counter,
+                         **kwargs)
         self._every_n_epochs = 1  # Lightning turns epoch saves off when step saves are on; keep both
 
     def _blocked(self, trainer: Trainer) -> bool:

@@ -37,6 +37,7 @@ class Decision:
     folder: Path
     resumed: bool
     problem: str | None = None
+    finished: Path | None = None  # the newest run, finished: `latest` must point at it
 
 
 _decisions: dict[str, Decision] = {}
@@ -111,16 +112,16 @@ def decide(task_dir: Path, task_name: str) -> Decision:
     newest = newest_run(task_dir)
     if newest is None:
         return Decision(fresh_folder(task_dir), False)
+    if is_finished(newest):  # checked before any lock: nothing, not even a lock file, is written into it
+        return Decision(fresh_folder(task_dir), False, (
+            f"ckpt_path=last: the newest {task_name} run {newest} has finished, so there is nothing to resume "
+            f"(a finished run is never written to again). To train it longer, start a new run from its "
+            f"checkpoint with a larger budget: ckpt_path={newest / LAST} trainer.max_epochs=<more epochs>"),
+            finished=newest)
     if _try_lock(newest) is None:
         return Decision(fresh_folder(task_dir), False, (
             f"ckpt_path=last: the newest {task_name} run {newest} is still running (process {holder(newest)}); "
             "wait for it to end or stop it, then resume"))
-    if is_finished(newest):
-        release(newest)
-        return Decision(fresh_folder(task_dir), False, (
-            f"ckpt_path=last: the newest {task_name} run {newest} has finished, so there is nothing to resume "
-            f"(a finished run is never written to again). To train it longer, start a new run from its "
-            f"checkpoint with a larger budget: ckpt_path={newest / LAST} trainer.max_epochs=<more epochs>"))
     if not (newest / LAST).is_file():  # killed before its first checkpoint: nothing to continue
         release(newest)
         return Decision(fresh_folder(task_dir), False)
@@ -156,6 +157,8 @@ def claim(out: Path, ckpt_path: Any) -> bool:
     Raises when `ckpt_path=last` found nothing it may continue, or another process holds `out`.
     """
     decision = decision_for(out) if ckpt_path == "last" else None
+    if decision is not None and decision.finished is not None:  # killed between finishing and the link
+        point_latest(decision.finished, decision.finished.parent.parent / "latest")
     if decision is not None and decision.problem:
         raise TunelabError(decision.problem)
     out.mkdir(parents=True, exist_ok=True)
@@ -192,3 +195,15 @@ def abandon(out: Path) -> None:
     mine = out.name.endswith(f"_{os.getpid()}") and is_primary_process()
     if mine and out.is_dir() and not (out / "checkpoints").exists() and not is_finished(out):
         shutil.rmtree(out, ignore_errors=True)
+
+
+def point_latest(target: Path, link: Path) -> None:
+    """Atomically repoint `logs/<task>/latest` (a relative symlink) at `target`, if it points elsewhere."""
+    if link.is_symlink() and link.resolve() == target.resolve():
+        return
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(f".latest.{os.getpid()}")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(os.path.relpath(target.resolve(), link.parent.resolve()), target_is_directory=True)
+    os.replace(tmp, link)

@@ -95,7 +95,7 @@ def _run(cfg: DictConfig, out: Path, resumed: bool, primary: bool) -> float | No
         write_artifacts(out, cfg, export_task, datamodule, metrics, trainer)
         if primary:
             runs.finish(out)
-            point_latest(out, Path(cfg.paths.log_dir) / cfg.task_name / "latest")
+            runs.point_latest(out, Path(cfg.paths.log_dir) / cfg.task_name / "latest")
             log.info("run finished: %s", out)
     return value
 
@@ -278,13 +278,3 @@ def run_card(out: Path, cfg: DictConfig, task: Any, metrics: dict) -> dict:
                artifacts.parent("teacher", getattr(teacher, "source", None))]
     return {"task": cfg.task_name, "path": str(out / "model"), "metrics": metrics,
             "parents": [p for p in parents if p], "run": {"folder": str(out), "config": resolved(cfg)}}
-
-
-def point_latest(target: Path, link: Path) -> None:
-    """Atomically repoint `logs/<task>/latest` (a relative symlink) at `target`."""
-    link.parent.mkdir(parents=True, exist_ok=True)
-    tmp = link.with_name(f".latest.{os.getpid()}")
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    tmp.symlink_to(os.path.relpath(target.resolve(), link.parent.resolve()), target_is_directory=True)
-    os.replace(tmp, link)

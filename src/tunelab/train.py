@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,7 @@ distributed.install()
 
 def run(cfg: DictConfig) -> float | None:
     """Train and test one configuration; return `cfg.optimized_metric` for sweeps."""
-    check_required(cfg)
-    validate(cfg)
-    check_values(cfg)
+    check_config(cfg)
     out = Path(cfg.paths.output_dir)
     primary = runs.is_primary_process()
     resumed = runs.claim(out, cfg.get("ckpt_path")) if primary else False
@@ -50,27 +49,12 @@ def _run(cfg: DictConfig, out: Path, resumed: bool, primary: bool) -> float | No
     if not cfg.get("train", True) and cfg.get("ckpt_path") not in (None, "last"):
         adopt_checkpoint_config(cfg, str(cfg.ckpt_path))
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = build(cfg.data)
-    check_modalities(cfg, datamodule)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    task = build(cfg.task, datamodule=datamodule)
-    if cfg.get("compile"):
-        task.model.compile()  # in place: checkpoint keys and the exported model stay the same
-
+    built = assemble(cfg)
+    datamodule, task, trainer, resume_state = built.datamodule, built.task, built.trainer, built.resume_state
     ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), out)
     if ckpt_path:
         check_checkpoint(ckpt_path, task, cfg, resumed)
-    resume_state = ResumeState(resolved(cfg))
-    callbacks = [build(c) for c in cfg.get("callbacks", {}).values() if c is not None] + [resume_state]
-    loggers = [build(c) for c in cfg.get("logger", {}).values() if c is not None]
-    if not loggers:  # logger=none: drop the callbacks that only exist to log
-        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    if not cfg.trainer.get("enable_progress_bar", True):  # the switch alone turns the bar off, no clash
-        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                               plugins=checkpoint_plugins(cfg))
-    log_hparams(loggers, cfg)
+    log_hparams(built.loggers, cfg)
 
     if cfg.get("train", True):
         trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -98,6 +82,55 @@ def _run(cfg: DictConfig, out: Path, resumed: bool, primary: bool) -> float | No
             runs.point_latest(out, Path(cfg.paths.log_dir) / cfg.task_name / "latest")
             log.info("run finished: %s", out)
     return value
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Every key and value of a run's config, before any work: required values, keys, value domains."""
+    check_required(cfg)
+    validate(cfg)
+    check_values(cfg)
+
+
+def prepared_data(cfg: DictConfig) -> Any:
+    """The run's DataModule, its data prepared and set up for fitting."""
+    datamodule = build(cfg.data)
+    check_modalities(cfg, datamodule)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule
+
+
+@dataclass
+class Assembled:
+    """Everything one run is made of, built from its config."""
+
+    datamodule: Any
+    task: L.LightningModule
+    trainer: L.Trainer
+    loggers: list
+    resume_state: ResumeState
+
+
+def assemble(cfg: DictConfig, datamodule: Any | None = None, callbacks: list | None = None,
+             **trainer_overrides: Any) -> Assembled:
+    """Build a whole run from its config: the DataModule (prepared and set up), the task, the callbacks and
+    loggers the config names (plus `callbacks`), and the Trainer (with `trainer_overrides`). `run()` and
+    every benchmark build their runs here; pass `datamodule` to reuse one that is set up already."""
+    datamodule = datamodule if datamodule is not None else prepared_data(cfg)
+    task = build(cfg.task, datamodule=datamodule)
+    if cfg.get("compile"):
+        task.model.compile()  # in place: checkpoint keys and the exported model stay the same
+    resume_state = ResumeState(resolved(cfg))
+    extra = [*(callbacks or []), resume_state]
+    every = [build(c) for c in cfg.get("callbacks", {}).values() if c is not None] + extra
+    loggers = [build(c) for c in cfg.get("logger", {}).values() if c is not None]
+    if not loggers:  # logger=none: drop the callbacks that only exist to log
+        every = [c for c in every if not isinstance(c, LearningRateMonitor)]
+    if not trainer_overrides.get("enable_progress_bar", cfg.trainer.get("enable_progress_bar", True)):
+        every = [c for c in every if not isinstance(c, ProgressBar)]  # the switch alone turns the bar off
+    trainer: L.Trainer = build(cfg.trainer, callbacks=every, logger=loggers or False,
+                               plugins=checkpoint_plugins(cfg), **trainer_overrides)
+    return Assembled(datamodule, task, trainer, loggers, resume_state)
 
 
 def checkpoint_plugins(cfg: DictConfig) -> list:

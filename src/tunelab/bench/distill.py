@@ -22,6 +22,7 @@ from tunelab import artifacts
 from tunelab.bench.common import median_ratio
 from tunelab.config import compose_config
 from tunelab.models.text import TextModel
+from tunelab.train import assemble, check_config, prepared_data
 
 EPOCHS, REPEATS, BATCHES = 2, 2, 100  # the first epoch of each fit warms up; BATCHES bounds an epoch on slow CPUs
 TEACHER = {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024}  # = model=bert_mini
@@ -53,13 +54,11 @@ def epoch_time(cfg: Any, datamodule: Any, cache: bool) -> tuple[float, float]:
     L.seed_everything(0)
     with open_dict(cfg):
         cfg.task.cache_teacher = cache
-    task = instantiate(cfg.task, datamodule=datamodule)
     timer = EpochTimer()
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=EPOCHS, limit_train_batches=BATCHES,
-                        limit_val_batches=0, logger=False, callbacks=[timer], enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    built = assemble(cfg, datamodule, [timer], max_epochs=EPOCHS, limit_train_batches=BATCHES, limit_val_batches=0,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     start = time.perf_counter()
-    trainer.fit(task, datamodule=datamodule)
+    built.trainer.fit(built.task, datamodule=datamodule)
     setup = time.perf_counter() - start - sum(timer.times)
     datamodule.with_index = False
     return statistics.median(timer.times[1:]), setup
@@ -76,9 +75,10 @@ def forward_cost(task: Any, datamodule: Any) -> float:
 
 def main() -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose_config(["task=distill", f"task.cache_dir={tmp}/cache"], Path(tmp) / "run")
-        datamodule = instantiate(cfg.data)
-        datamodule.setup("fit")
+        cfg = compose_config(["task=distill", f"task.cache_dir={tmp}/cache", "callbacks=none", "logger=none"],
+                             Path(tmp) / "run")
+        check_config(cfg)
+        datamodule = prepared_data(cfg)
         with open_dict(cfg):
             cfg.teacher.path = str(make_teacher(datamodule, Path(tmp) / "teacher"))
         cost = forward_cost(instantiate(cfg.task, datamodule=datamodule), datamodule)

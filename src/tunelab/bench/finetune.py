@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 
 from tunelab.bench.common import WindowTimer, median_ratio, timed_loop
 from tunelab.config import compose_config
+from tunelab.train import assemble, check_config, prepared_data
 
 WARMUP, STEPS, REPEATS = 5, 60, 3
 
@@ -27,13 +28,10 @@ def _cycle(loader):
 
 def tunelab_rate(cfg, datamodule) -> float:
     L.seed_everything(0)
-    task = instantiate(cfg.task, datamodule=datamodule)
     timer = WindowTimer(WARMUP)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [timer]
-    loggers = [instantiate(c) for c in cfg.logger.values()]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, max_steps=WARMUP + STEPS,
-                          limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(task, datamodule=datamodule)
+    built = assemble(cfg, datamodule, [timer], max_steps=WARMUP + STEPS, limit_val_batches=0,
+                     enable_progress_bar=False, enable_model_summary=False)
+    built.trainer.fit(built.task, datamodule=datamodule)
     return STEPS * datamodule.batch_size / (timer.end - timer.start)
 
 
@@ -58,8 +56,8 @@ def bare_rate(cfg, datamodule) -> float:
 def main() -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose_config(["callbacks.progress_bar=null"], Path(tmp) / "run")
-        datamodule = instantiate(cfg.data)
-        datamodule.setup("fit")
+        check_config(cfg)
+        datamodule = prepared_data(cfg)
         pairs = [(tunelab_rate(cfg, datamodule), bare_rate(cfg, datamodule)) for _ in range(REPEATS)]
     ours, bare, ratio = median_ratio(pairs)
     print(f"finetune  bert_tiny/reviews  tunelab {ours:8.1f} samples/s  bare PyTorch {bare:8.1f} samples/s  "

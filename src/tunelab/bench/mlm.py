@@ -30,6 +30,7 @@ from hydra.utils import instantiate
 
 from tunelab.bench.common import WindowTimer, median_ratio, timed_loop
 from tunelab.config import compose_config
+from tunelab.train import assemble, check_config, prepared_data
 
 VOCAB = 30522  # bert-base-uncased's vocabulary size
 OVERRIDES = ["task=mlm", "model=bert_mini", f"+model.vocab_size={VOCAB}", "data.batch_size=32",
@@ -65,13 +66,10 @@ def _cycle(loader):
 
 
 def tunelab_rate(cfg, datamodule, precision: str) -> float:
-    task = instantiate(cfg.task, datamodule=datamodule)
     timer = WindowTimer(WARMUP)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [timer]
-    loggers = [instantiate(c) for c in cfg.logger.values()]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, max_steps=WARMUP + STEPS,
-                          precision=precision, limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(task, datamodule=datamodule)
+    built = assemble(cfg, datamodule, [timer], max_steps=WARMUP + STEPS, precision=precision, limit_val_batches=0,
+                     enable_progress_bar=False, enable_model_summary=False)
+    built.trainer.fit(built.task, datamodule=datamodule)
     return STEPS * datamodule.batch_size * datamodule.max_length / (timer.end - timer.start)
 
 
@@ -111,8 +109,8 @@ def measure_training(side: str, precision: str) -> dict:
     """One side, in this (fresh) process: tokens/s and the resident memory training adds."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose_config(OVERRIDES, Path(tmp) / "run")
-        datamodule = instantiate(cfg.data)
-        datamodule.setup("fit")
+        check_config(cfg)
+        datamodule = prepared_data(cfg)
         L.seed_everything(0)
         reset_peak()
         before = rss_mb("VmRSS")

@@ -25,6 +25,7 @@ from tunelab.data import packing
 from tunelab.data.collators import MaskingCollator
 from tunelab.data.tokenizer import train_wordpiece
 from tunelab.errors import TunelabError
+from tunelab.models import mlm_fast_path
 from tunelab.models.linear_cross_entropy import linear_cross_entropy
 from tunelab.models.text import TextModel
 from tunelab.train import run
@@ -199,7 +200,7 @@ def tiny_mlm(arch: str, tokenizer) -> TextModel:
                      intermediate_size=64, max_position_embeddings=80, dropout=0.0)
 
 
-@pytest.mark.parametrize("arch", ["bert", "roberta"])
+@pytest.mark.parametrize("arch", sorted(mlm_fast_path.LAYOUTS))
 @pytest.mark.parametrize("fixed_count", [False, True])
 def test_sparse_head_matches_full_vocab_head(wordpiece, arch: str, fixed_count: bool) -> None:
     torch.manual_seed(0)
@@ -210,7 +211,7 @@ def test_sparse_head_matches_full_vocab_head(wordpiece, arch: str, fixed_count: 
                      labels=batch["mlm_labels"]).loss
     full_grads = torch.autograd.grad(full, list(model.net.parameters()), allow_unused=True)
     model.sparse_mlm = True
-    assert model._sparse_last_layer(batch) is not None  # the last layer runs on the predicted rows only
+    assert mlm_fast_path.sparse_last_layer(model.net, batch) is not None  # the last layer: predicted rows only
     logits, targets = model(batch).logits, masked_targets(batch)
     assert logits.shape[0] < batch["input_ids"].numel() / 4  # only the predicted rows
     sparse = F.cross_entropy(logits, targets, ignore_index=-100)
@@ -229,6 +230,21 @@ def test_sparse_head_matches_full_vocab_head(wordpiece, arch: str, fixed_count: 
             assert (a is None) == (b is None), name
             if a is not None:
                 assert torch.allclose(a, b, atol=1e-6, rtol=1e-4), name
+
+
+def test_architectures_outside_the_table_take_the_plain_path(wordpiece) -> None:
+    """xlm-roberta is not in `LAYOUTS`: its head runs on the predicted rows after the whole encoder, and it
+    gives logits even when asked not to project; the loss is the full-vocabulary one."""
+    torch.manual_seed(0)
+    model = tiny_mlm("xlm-roberta", wordpiece)
+    batch = MaskingCollator(wordpiece, seed=0)(examples(wordpiece, 8))
+    full = model.net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     labels=batch["mlm_labels"]).loss
+    model.sparse_mlm = True
+    assert mlm_fast_path.layout(model.net) is None and mlm_fast_path.sparse_last_layer(model.net, batch) is None
+    out = model(batch, project=False)
+    assert out.logits is not None and not mlm_fast_path.splits_head(model.net)
+    assert torch.allclose(F.cross_entropy(out.logits, masked_targets(batch)), full, atol=1e-6)
 
 
 def test_unknown_mlm_head_layout_is_a_clear_error(wordpiece) -> None:

@@ -22,10 +22,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from tunelab.contracts import IGNORE_INDEX, Output, at_predicted
+from tunelab.contracts import MLM_LABELS, Output
 from tunelab.errors import TunelabError
 from tunelab.folders import check_pretrained
-from tunelab.models.dropout import ATTENTION, scaled_dot_product_attention, use_cpu_dropout
+from tunelab.models import mlm_fast_path
+from tunelab.models.dropout import use_cpu_dropout
 
 HEADS = {"classifier": AutoModelForSequenceClassification, "masked_lm": AutoModelForMaskedLM}
 # architectures that number positions from pad_token_id + 1 (fairseq's convention): that many fewer fit
@@ -120,7 +121,6 @@ class TextModel(nn.Module):
         # masked LM: when true (and the batch has `mlm_labels`), `forward` runs the head on the predicted
         # positions only; the MLM task turns it on
         self.sparse_mlm = False
-        self._head_split: bool | None = None  # masked LM: whether its head splits before the vocabulary projection
         if head == "classifier":
             self.classifier.register_forward_pre_hook(self._keep_features)
 
@@ -180,111 +180,13 @@ class TextModel(nn.Module):
 
     @property
     def mlm_head(self) -> nn.Module:
-        """The masked-LM head: the one module besides the encoder (and dropout) that holds the output
-        embeddings, e.g. BERT's `cls` or RoBERTa's `lm_head`. It maps hidden states to vocabulary logits
-        position by position, so it can run on the masked positions alone."""
-        decoder = self.net.get_output_embeddings()
-        others = [(name, m) for name, m in self.net.named_children()
-                  if m is not self.net.base_model and not isinstance(m, nn.Dropout)]
-        if decoder is not None and len(others) == 1 and any(m is decoder for m in others[0][1].modules()):
-            return others[0][1]
-        names = [name for name, _ in others]
-        raise TunelabError(
-            f"{type(self.net).__name__}: cannot tell which of its modules {names} form the masked-LM head (expected "
-            "one module holding the output embeddings next to the encoder); set task.sparse_head=false to compute "
-            "the full-vocabulary logits instead"
-        )
+        """The masked-LM head (see `mlm_fast_path.mlm_head`)."""
+        return mlm_fast_path.mlm_head(self.net)
 
     @property
     def vocab_projection(self) -> nn.Module:
         """The masked-LM head's last module: hidden states to vocabulary logits (the output embeddings)."""
         return self.net.get_output_embeddings()
-
-    def _head_features(self, rows: torch.Tensor) -> torch.Tensor:
-        """The MLM head's output without its last module, the vocabulary projection (BERT's and RoBERTa's
-        transform: dense, activation, layer norm), by running the head with that module as an identity."""
-        decoder = self.vocab_projection
-        parent, name = next((m, n) for m in self.mlm_head.modules() for n, c in m.named_children() if c is decoder)
-        setattr(parent, name, nn.Identity())
-        try:
-            return self.mlm_head(rows.unsqueeze(0)).squeeze(0)
-        finally:
-            setattr(parent, name, decoder)
-
-    def _splittable_head(self) -> bool:
-        """Whether the head can stop before its vocabulary projection: a whole (unsharded) linear layer whose
-        output is the head's output, checked once on two random rows."""
-        decoder = self.vocab_projection
-        weight = getattr(decoder, "weight", None)
-        if (not isinstance(decoder, nn.Linear) or type(weight.data) is not torch.Tensor
-                or weight.shape != (decoder.out_features, decoder.in_features)):
-            return False
-        if self._head_split is None:
-            with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
-                # its own generator: a draw from the global one would shift a resumed run's random stream
-                probe = torch.randn(2, decoder.in_features, generator=torch.Generator().manual_seed(0))
-                probe = probe.to(device=weight.device, dtype=weight.dtype)
-                self._head_split = torch.allclose(decoder(self._head_features(probe)),
-                                                  self.mlm_head(probe.unsqueeze(0)).squeeze(0), atol=1e-5)
-        return self._head_split
-
-    def _predicted_rows(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Final hidden states of the predicted rows (`at_predicted`), in `masked_targets` order."""
-        mask = batch.get("attention_mask")
-        if mask is not None and not torch.compiler.is_compiling() and bool(mask.all()):
-            mask = None  # full packed blocks: SDPA's fastest kernels
-        last = self._sparse_last_layer(batch)
-        return self._full_encoder_rows(batch, mask) if last is None else self._sparse_last_rows(batch, mask, last)
-
-    def _full_encoder_rows(self, batch: dict[str, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
-        """Final hidden states of the predicted rows, in `masked_targets` order, after the whole encoder."""
-        return at_predicted(self.net.base_model(input_ids=batch["input_ids"], attention_mask=mask)[0], batch)
-
-    def _sparse_last_layer(self, batch: dict[str, torch.Tensor]) -> nn.Module | None:
-        """The last encoder layer when it is a plain BERT/RoBERTa layer under SDPA attention, so that only the
-        predicted rows need its queries and feed-forward; None (run the whole encoder) otherwise, e.g. when
-        compiling, under FSDP (whose wrappers rename the layer class) or with relative position embeddings."""
-        config = self.net.config
-        layers = getattr(getattr(self.net.base_model, "encoder", None), "layer", None)
-        if (torch.compiler.is_compiling() or not isinstance(layers, nn.ModuleList) or len(layers) < 1
-                or type(layers[-1]).__name__ not in ("BertLayer", "RobertaLayer") or config.is_decoder
-                or config._attn_implementation not in ("sdpa", ATTENTION)
-                or getattr(config, "position_embedding_type", "absolute") != "absolute"
-                or not bool((batch["mlm_labels"] != IGNORE_INDEX).any())):
-            return None
-        return layers[-1]
-
-    def _sparse_last_rows(self, batch: dict[str, torch.Tensor], mask: torch.Tensor | None,
-                          last: nn.Module) -> torch.Tensor:
-        """Final hidden states of the predicted rows, in `masked_targets` order. Every layer but the last runs
-        on all positions; the last computes keys and values for all of them but queries, attention output
-        and feed-forward for the predicted rows only (the same numbers, about 15% of that layer's work)."""
-        base, ids = self.net.base_model, batch["input_ids"]
-        key_mask = None if mask is None else mask.bool()[:, None, None, :]
-        hidden = base.embeddings(input_ids=ids)
-        for layer in base.encoder.layer[:-1]:
-            hidden = layer(hidden, key_mask)
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        positions, keep = batch.get("mlm_positions"), None
-        if positions is None:  # each row's predicted positions first, padded to the row with the most
-            chosen = batch["mlm_labels"] != IGNORE_INDEX
-            counts = chosen.sum(1)
-            positions = torch.argsort((~chosen).to(torch.int8), dim=1, stable=True)[:, : int(counts.max())]
-            keep = (torch.arange(positions.shape[1], device=ids.device)[None] < counts[:, None]).flatten()
-        attention, (b, _, h) = last.attention.self, hidden.shape
-        heads, size = attention.num_attention_heads, attention.attention_head_size
-
-        def split(x: torch.Tensor) -> torch.Tensor:
-            return x.view(b, -1, heads, size).transpose(1, 2)
-
-        queries = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, h))
-        context = scaled_dot_product_attention(
-            split(attention.query(queries)), split(attention.key(hidden)), split(attention.value(hidden)),
-            key_mask, attention.dropout.p if self.training else 0.0, attention.scaling,
-        ).transpose(1, 2).reshape(b, -1, heads * size)
-        attended = last.attention.output(context, queries)
-        rows = last.output(last.intermediate(attended), attended).flatten(0, 1)
-        return rows if keep is None else rows[keep]
 
     @property
     def feature_size(self) -> int:
@@ -299,11 +201,11 @@ class TextModel(nn.Module):
         """Logits; with `sparse_mlm` (and `mlm_labels` in the batch) those of the predicted rows only, in
         `masked_targets` order, never the batch × length × vocabulary tensor. `project=False` returns no
         logits but the head's output before its vocabulary projection, for a loss fused with that projection,
-        where the head allows it (and not while compiling)."""
-        if self.sparse_mlm and "mlm_labels" in batch and not (output_hidden_states or output_attentions):
-            rows = self._predicted_rows(batch)
-            if not project and not torch.compiler.is_compiling() and self._splittable_head():
-                return Output(None, self._head_features(rows))
+        where the head allows it (and not while compiling). The predicted rows take `mlm_fast_path`."""
+        if self.sparse_mlm and MLM_LABELS in batch and not (output_hidden_states or output_attentions):
+            rows = mlm_fast_path.predicted_rows(self.net, batch, self.training)
+            if not project and not torch.compiler.is_compiling() and mlm_fast_path.splits_head(self.net):
+                return Output(None, mlm_fast_path.head_features(self.net, rows))
             return Output(self.mlm_head(rows.unsqueeze(0)).squeeze(0), rows)
         out = self.net(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                        output_hidden_states=output_hidden_states, output_attentions=output_attentions)

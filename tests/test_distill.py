@@ -26,7 +26,7 @@ from tunelab.errors import TunelabError
 from tunelab.models.teacher import load_teacher
 from tunelab.models.vision import ImageModel
 from tunelab.tasks.distill_losses import hidden_loss, kd_loss
-from tunelab.train import run
+from tunelab.train import configure_data, run
 
 WORDS = ("book", "kettle", "phone", "film", "lamp", "chair")
 GOOD, BAD = ("good", "great", "lovely"), ("bad", "awful", "broken")
@@ -76,6 +76,7 @@ def text_args(data: Path, teacher: Path | str, *extra: str, student: tuple[str, 
 
 def build_task(cfg):
     dm = instantiate(cfg.data)
+    configure_data(cfg, dm)  # as train.py does: what the task declares it needs from data
     dm.setup("fit")
     return instantiate(cfg.task, datamodule=dm), dm
 
@@ -201,7 +202,7 @@ def test_distil_from_a_hugging_face_directory_end_to_end(make_cfg, text_data: Pa
 def test_alpha_one_is_the_student_alone(make_cfg, text_data: Path, hf_teacher: Path) -> None:
     cfg = make_cfg(*text_args(text_data, hf_teacher, "task.alpha=1", "task.hidden_weight=1", "task.cache_teacher=true"))
     task, dm = build_task(cfg)
-    assert not task.uses_teacher_in_training and not task.cache_teacher and not dm.with_index
+    assert not task.uses_teacher_in_training and not task.cache_teacher
     assert not list(task.projections.parameters())
 
 

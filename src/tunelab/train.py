@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_object
 from lightning.fabric.utilities.logger import _flatten_dict
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -95,9 +96,18 @@ def prepared_data(cfg: DictConfig) -> Any:
     """The run's DataModule, its data prepared and set up for fitting."""
     datamodule = build(cfg.data)
     check_modalities(cfg, datamodule)
+    configure_data(cfg, datamodule)
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule
+
+
+def configure_data(cfg: DictConfig, datamodule: Any) -> None:
+    """Give the DataModule what the task declares it needs (`Task.data_needs`); tasks never set it themselves."""
+    task_class = get_object(cfg.task._target_)
+    needs = task_class.data_needs(cfg.task) if hasattr(task_class, "data_needs") else set()
+    if hasattr(datamodule, "with_index"):
+        datamodule.with_index = "index" in needs
 
 
 @dataclass
@@ -116,7 +126,10 @@ def assemble(cfg: DictConfig, datamodule: Any | None = None, callbacks: list | N
     """Build a whole run from its config: the DataModule (prepared and set up), the task, the callbacks and
     loggers the config names (plus `callbacks`), and the Trainer (with `trainer_overrides`). `run()` and
     every benchmark build their runs here; pass `datamodule` to reuse one that is set up already."""
-    datamodule = datamodule if datamodule is not None else prepared_data(cfg)
+    if datamodule is None:
+        datamodule = prepared_data(cfg)
+    else:
+        configure_data(cfg, datamodule)  # a reused DataModule, for this task's needs
     task = build(cfg.task, datamodule=datamodule)
     if cfg.get("compile"):
         task.model.compile()  # in place: checkpoint keys and the exported model stay the same

@@ -60,7 +60,6 @@ def epoch_time(cfg: Any, datamodule: Any, cache: bool) -> tuple[float, float]:
     start = time.perf_counter()
     built.trainer.fit(built.task, datamodule=datamodule)
     setup = time.perf_counter() - start - sum(timer.times)
-    datamodule.with_index = False
     return statistics.median(timer.times[1:]), setup
 
 

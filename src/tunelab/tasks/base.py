@@ -56,6 +56,12 @@ class Task(LightningModule):
         self.backbone_lr_mult = backbone_lr_mult
         self.freeze_backbone = freeze_backbone
 
+    @classmethod
+    def data_needs(cls, options: Any) -> set[str]:
+        """What this task needs its DataModule configured for, read from the task's config before the DataModule
+        is set up (`train.configure_data` applies it): `"index"` adds each sample's position to its batch."""
+        return set()
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Metric accumulators and trackers (`val/acc_best`...) travel with the checkpoint: torchmetrics keeps
         them out of `state_dict`, and a resumed run must go on from the same best and the same partial epoch."""

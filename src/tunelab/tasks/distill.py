@@ -92,7 +92,9 @@ class DistillTask(FinetuneTask):
         self.cache: TeacherCache | None = None
         if self.cache_teacher:
             check_static(datamodule.datasets["train"], datamodule.collate_fn())
-            datamodule.with_index = True
+            if not getattr(datamodule, "with_index", False):
+                raise TunelabError("task.cache_teacher=true reads the teacher's outputs by sample index, but the "
+                                   "DataModule gives no index (configure it with tunelab.train.configure_data)")
         k = len(self.labels)
         self.agreement = nn.ModuleDict({s: MulticlassAccuracy(k, average="micro") for s in ("train_", "val_", "test_")})
         self.teacher_acc = nn.ModuleDict({s: MulticlassAccuracy(k, average="micro") for s in ("val_", "test_")})
@@ -100,6 +102,12 @@ class DistillTask(FinetuneTask):
         self._latency_batch: dict[str, torch.Tensor] | None = None
 
     # --------------------------------------------------------------------------- what the teacher gives
+    @classmethod
+    def data_needs(cls, options: Any) -> set[str]:
+        """The teacher cache looks outputs up by sample index (unused when the teacher turns out not to be needed
+        in training, e.g. alpha=1: the task decides that once it has its models)."""
+        return {"index"} if options.get("cache_teacher") else set()
+
     @property
     def uses_teacher_in_training(self) -> bool:
         return self.alpha < 1 or bool(self.layer_map)

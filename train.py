@@ -124,5 +124,8 @@ def report_bad_input(task: Callable) -> None:
 
 
 if __name__ == "__main__":
+    from tunelab.config import register_resolvers
+
+    register_resolvers()  # before Hydra composes: the config names ${run_dir:...}, ${output_subdir:...}
     report_bad_input(main.__wrapped__)
     main()

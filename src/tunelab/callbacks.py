@@ -34,9 +34,13 @@ class Throughput(ThroughputMonitor):
 
     def __init__(self, window_size: int = 20, **kwargs: Any) -> None:
         super().__init__(batch_size_fn=batch_size, window_size=window_size, **kwargs)
-        # The tasks report no FLOPs (their cost depends on masking and sequence lengths); without this the
-        # monitor warns about the missing `flops_per_batch` in every run.
-        warnings.filterwarnings("ignore", message="When using the `ThroughputMonitor`, you need to define")
+
+    def _update(self, *args: Any, **kwargs: Any) -> None:
+        # The tasks report no FLOPs (their cost depends on masking and sequence lengths); the monitor warns about
+        # the missing `flops_per_batch` on its first update. Silenced here only, not for the whole process.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="When using the `ThroughputMonitor`, you need to define")
+            super()._update(*args, **kwargs)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if getattr(trainer.datamodule, "modality", None) == "text":

@@ -23,19 +23,18 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tunelab import artifacts, distributed, runs
+from tunelab import artifacts, runs, runtime
 from tunelab.checkpoints import AtomicCheckpointIO, ResumeState, saved_config, scalars
 from tunelab.checks import check_values
-from tunelab.config import build, check_required, register_resolvers, validate
+from tunelab.config import build, check_required, validate
 from tunelab.errors import TunelabError
 
 log = logging.getLogger("tunelab")
-register_resolvers()
-distributed.install()
 
 
 def run(cfg: DictConfig) -> float | None:
     """Train and test one configuration; return `cfg.optimized_metric` for sweeps."""
+    runtime.configure(cfg)  # the process-wide settings this run makes (cfg.runtime)
     check_config(cfg)
     out = Path(cfg.paths.output_dir)
     primary = runs.is_primary_process()

@@ -7,7 +7,9 @@ words, four 16-bit lanes per word (the drop probability rounded to a multiple of
 with one `where`; attention with dropout runs the same math as PyTorch's fallback with that mask.
 The distribution, the 1/(1-p) scaling and the generator (so `seed_everything` reproduces a run) are
 those of `nn.Dropout`. On other devices, and under torch.compile (which fuses dropout itself), the
-stock ops run.
+stock ops run. Importing this module changes nothing: `use_cpu_dropout` registers the attention with
+transformers (`register`) when it first switches a model to it; `runtime.cpu_dropout=false` keeps text
+models on the stock modules.
 """
 
 from __future__ import annotations
@@ -80,13 +82,17 @@ def sdpa_cpu_dropout(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(ATTENTION, sdpa_cpu_dropout)
-AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+def register() -> None:
+    """Make `ATTENTION` an attention implementation transformers knows (`sdpa_cpu_dropout`, with `sdpa`'s
+    masks). Idempotent; needed in every process that runs a model set to it."""
+    AttentionInterface.register(ATTENTION, sdpa_cpu_dropout)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
 def use_cpu_dropout(net: PreTrainedModel) -> None:
     """Swap every `nn.Dropout` of `net` for `Dropout`, and its `sdpa` attention for `sdpa_cpu_dropout`.
     Nothing saved changes: dropout holds no weights, and the attention choice is not written to config.json."""
+    register()
     for parent in list(net.modules()):
         for name, child in parent.named_children():
             if type(child) is nn.Dropout:

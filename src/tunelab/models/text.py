@@ -26,7 +26,8 @@ from tunelab.contracts import MLM_LABELS, Output
 from tunelab.errors import TunelabError
 from tunelab.folders import check_pretrained
 from tunelab.models import mlm_fast_path
-from tunelab.models.dropout import use_cpu_dropout
+from tunelab.models.dropout import ATTENTION, register, use_cpu_dropout
+from tunelab.runtime import settings
 
 HEADS = {"classifier": AutoModelForSequenceClassification, "masked_lm": AutoModelForMaskedLM}
 # architectures that number positions from pad_token_id + 1 (fairseq's convention): that many fewer fit
@@ -114,7 +115,8 @@ class TextModel(nn.Module):
             self._check_vocab(tokenizer)
             if pretrained:
                 self._check_tokenizer(tokenizer, source, trust_remote_code)
-        use_cpu_dropout(self.net)
+        if settings.cpu_dropout:  # runtime.cpu_dropout
+            use_cpu_dropout(self.net)
         if gradient_checkpointing:
             self.net.gradient_checkpointing_enable()
         self._features: torch.Tensor | None = None
@@ -123,6 +125,12 @@ class TextModel(nn.Module):
         self.sparse_mlm = False
         if head == "classifier":
             self.classifier.register_forward_pre_hook(self._keep_features)
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickled in another process (e.g. a `ddp_spawn` rank): register the CPU attention there too."""
+        super().__setstate__(state)
+        if self.net.config._attn_implementation == ATTENTION:
+            register()
 
     @staticmethod
     def _load(cls: Any, source: str, kwargs: dict, ignore_mismatched_sizes: bool, trust_remote_code: bool) -> PreTrainedModel:

@@ -89,6 +89,7 @@ def test_text_classifier_folder_reproduces_test_accuracy(make_cfg) -> None:
     assert (model / "README.md").read_text().startswith("---\nlibrary_name: transformers")
 
 
+@pytest.mark.slow
 def test_image_classifier_folder_reproduces_test_accuracy(make_cfg) -> None:
     cfg = make_cfg("data=digits", "model=timm", "model.name=resnet10t", *FULL_TEST)
     model, metrics, card = finished(cfg)
@@ -135,6 +136,7 @@ def test_parent_hash_follows_the_parents_weights(tiny_hf_dir: Path, tmp_path: Pa
     assert before["sha256"] and after["sha256"] and before["sha256"] != after["sha256"]
 
 
+@pytest.mark.slow
 def test_pretrained_run_records_its_parent(make_cfg, tiny_hf_dir: Path) -> None:
     _, _, card = finished(make_cfg("model=hf", f"model.pretrained={tiny_hf_dir}", "optimizer.lr=5e-5"))
     [parent] = card["parents"]

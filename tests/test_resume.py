@@ -96,7 +96,7 @@ def killed_and_resumed(cwd: Path, task: str, hook: str, step: int) -> Path:
 
 @pytest.mark.parametrize(("task", "hook", "step"), [
     ("finetune", "train_batch_end", 3),  # mid-epoch: resumes from the step-2 checkpoint
-    ("finetune", "validation_end", 6),  # at the epoch boundary: resumes from the epoch-end checkpoint
+    pytest.param("finetune", "validation_end", 6, marks=pytest.mark.slow),  # at the epoch boundary
     pytest.param("finetune", "test_start", 12, marks=pytest.mark.slow),  # only test and export are left
     pytest.param("mlm", "train_batch_end", 3, marks=pytest.mark.slow),
     pytest.param("mlm", "validation_end", 6, marks=pytest.mark.slow),
@@ -111,6 +111,7 @@ def test_killed_run_resumes_bit_exactly(reference, tmp_path: Path, task: str, ho
     assert not list(run.rglob("*.tmp"))
 
 
+@pytest.mark.slow  # the fast suite has short versions in test_faults.py and test_bad_input.py
 def test_resuming_a_finished_run_is_an_error_that_writes_nothing(reference, tmp_path: Path) -> None:
     first = train(tmp_path, *TASKS["finetune"], *BUDGET, "trainer.max_epochs=1")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -130,6 +131,7 @@ def test_resuming_a_finished_run_is_an_error_that_writes_nothing(reference, tmp_
     assert same.returncode == 2 and "nothing is left to train" in same.stderr
 
 
+@pytest.mark.slow  # the fast suite has short versions in test_faults.py and test_bad_input.py
 def test_a_run_killed_before_its_first_checkpoint_is_not_resumed(reference, tmp_path: Path) -> None:
     first = train(tmp_path, *TASKS["finetune"], *BUDGET, *kill_at("train_batch_end", 0))
     assert first.returncode == -9
@@ -175,6 +177,7 @@ def test_lock_is_released_when_its_process_dies(tmp_path: Path) -> None:
     os.close(fd)
 
 
+@pytest.mark.slow  # the fast suite has short versions in test_faults.py and test_bad_input.py
 def test_a_failed_start_leaves_no_run_folder(reference, tmp_path: Path) -> None:
     proc = train(tmp_path, "data=text_files", f"data.train_file={tmp_path / 'missing.jsonl'}")
     assert proc.returncode == 2 and "file not found" in proc.stderr

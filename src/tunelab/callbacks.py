@@ -10,6 +10,8 @@ import torch
 from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import ThroughputMonitor
 
+from tunelab.contracts import ATTENTION_MASK
+
 
 def batch_size(batch: Any) -> int:
     """Samples in any project batch: a dict of tensors, or `{"source": ..., "target": ...}` pairs."""
@@ -23,8 +25,8 @@ def batch_size(batch: Any) -> int:
 
 def token_count(batch: Any) -> int:
     """Tokens (ones of `attention_mask`) in a text batch, or in both halves of a domain pair."""
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
+    if ATTENTION_MASK in batch:
+        return int(batch[ATTENTION_MASK].sum())
     return sum(token_count(v) for v in batch.values() if isinstance(v, Mapping))
 
 

@@ -12,6 +12,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from tunelab.contracts import INDEX
 from tunelab.errors import TunelabError
 
 
@@ -80,7 +81,7 @@ class IndexedDataset(Dataset):
         return len(self.base)  # type: ignore[arg-type]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {**self.base[i], "index": i}
+        return {**self.base[i], INDEX: i}
 
 
 class SplitDataModule(LightningDataModule):

@@ -23,12 +23,13 @@ from lightning import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
+from tunelab.contracts import SOURCE, TARGET
 from tunelab.data.augment import TokenNoise
 from tunelab.data.base import SplitDataModule, train_loader
 from tunelab.data.tokenizer import cached_wordpiece
 from tunelab.errors import TunelabError
 
-DOMAINS = ("source", "target")
+DOMAINS = (SOURCE, TARGET)
 TRAIN_MODES = ("max_size_cycle", "min_size")
 NOISE_KEYS = ("drop", "replace", "swap")
 
@@ -66,7 +67,7 @@ class DomainPairDataModule(LightningDataModule):
         *,
         mode: str = "max_size_cycle",
         token_noise: dict[str, float] | None = None,
-        noise_on: list[str] | tuple[str, ...] = ("source", "target"),
+        noise_on: list[str] | tuple[str, ...] = DOMAINS,
         share_tokenizer: bool = True,
     ) -> None:
         super().__init__()
@@ -141,7 +142,7 @@ class DomainPairDataModule(LightningDataModule):
         """One vocabulary for both domains (see the module docstring)."""
         sources = {role: getattr(dm, "tokenizer_source", None) for role, dm in self.sides()}
         if any(sources.values()):
-            if sources["source"] != sources["target"]:
+            if sources[SOURCE] != sources[TARGET]:
                 raise TunelabError(
                     f"data.source.tokenizer={sources['source']!r} but data.target.tokenizer={sources['target']!r} "
                     "(expected one tokenizer for both domains)"
@@ -194,7 +195,7 @@ class DomainPairDataModule(LightningDataModule):
         ranks = self.trainer.world_size if self.trainer is not None else 1  # each rank gets its share
         return train_loader(
             dataset,
-            stream=0 if role == "source" else 1,
+            stream=0 if role == SOURCE else 1,
             batch_size=dm.batch_size,
             drop_last=len(dataset) // ranks > dm.batch_size,  # no 1-sample batch for batch norm to choke on
             collate_fn=collate,

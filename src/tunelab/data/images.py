@@ -16,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import ImageFolder
 
+from tunelab.contracts import LABELS, PIXEL_VALUES
 from tunelab.data.base import SplitDataModule
 from tunelab.errors import TunelabError
 
@@ -34,7 +35,7 @@ class _DictDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         image, target = self.base[i]
-        return {"pixel_values": self.transform(image), "labels": torch.tensor(target)}
+        return {PIXEL_VALUES: self.transform(image), LABELS: torch.tensor(target)}
 
 
 def _check_sizes(folder: ImageFolder, max_bytes: int) -> None:

@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from tunelab.contracts import ATTENTION_MASK, INDEX, INPUT_IDS, PIXEL_VALUES, Layer
 from tunelab.data.base import IndexedDataset
 from tunelab.errors import TunelabError
 
 VERSION = "1"
-INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values")
-Layer = int | str  # a hidden-state index (text) or "features" (the pooled vector the classifier sees)
+INPUT_KEYS = (INPUT_IDS, ATTENTION_MASK, PIXEL_VALUES)
 
 
 def array_name(layer: Layer) -> str:
@@ -110,7 +110,7 @@ def _build(teacher: Any, dataset: Dataset, collate_fn: Callable | None, batch_si
     """Run the teacher over the split in order and write each output into its memory map; publish atomically."""
     n = len(dataset)  # type: ignore[arg-type]
     text = teacher.modality == "text"
-    seq_len = max(len(dataset[i]["input_ids"]) for i in range(n)) if text and any(
+    seq_len = max(len(dataset[i][INPUT_IDS]) for i in range(n)) if text and any(
         layer != "features" for layer in layers) else 0
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".building-"))
@@ -124,7 +124,7 @@ def _build(teacher: Any, dataset: Dataset, collate_fn: Callable | None, batch_si
         loader = DataLoader(IndexedDataset(dataset), batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
         hidden = any(layer != "features" for layer in layers)
         for batch in loader:
-            rows = batch.pop("index").numpy()
+            rows = batch.pop(INDEX).numpy()
             batch = {k: v.to(teacher.device) for k, v in batch.items() if torch.is_tensor(v)}
             out = teacher(batch, output_hidden_states=hidden)
             arrays["logits"][rows] = out.logits.float().cpu().numpy()

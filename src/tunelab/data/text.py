@@ -16,7 +16,7 @@ from typing import Any
 import datasets
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from tunelab.contracts import IGNORE_INDEX
+from tunelab.contracts import IGNORE_INDEX, LABELS
 from tunelab.data import packing
 from tunelab.data.base import SplitDataModule
 from tunelab.data.readers import MAX_RECORD_BYTES, check_file, file_stamp, read_records
@@ -52,7 +52,7 @@ def _tokenize_words(batch: dict, tokenizer: PreTrainedTokenizerBase, max_length:
 def with_unlabelled(train: datasets.Dataset, unlabelled: datasets.Dataset) -> datasets.Dataset:
     """Training records followed by unlabelled ones (`labels` -100): a transfer set for distillation, whose
     teacher labels what has no label."""
-    unlabelled = unlabelled.add_column("labels", [IGNORE_INDEX] * len(unlabelled))
+    unlabelled = unlabelled.add_column(LABELS, [IGNORE_INDEX] * len(unlabelled))
     return datasets.concatenate_datasets([train, unlabelled.cast(train.features)])
 
 
@@ -235,7 +235,7 @@ class TextDataModule(SplitDataModule):
                 f"{self.files[split] or self.files['train']}:{row['line']}: label {row['label']!r} is not in the "
                 f"label set (expected one of {self.labels}; set data.labels to change it)"
             )
-        return ds.map(lambda r: {"labels": index[r["label"]]}, remove_columns=["label"])
+        return ds.map(lambda r: {LABELS: index[r["label"]]}, remove_columns=["label"])
 
     def _check_classes(self) -> None:
         """One label is nothing to classify (torchmetrics would fail later, on its own arguments)."""

@@ -22,7 +22,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from tunelab.contracts import MLM_LABELS, Output
+from tunelab.contracts import ATTENTION_MASK, INPUT_IDS, MLM_LABELS, Output
 from tunelab.errors import TunelabError
 from tunelab.folders import check_pretrained
 from tunelab.models import mlm_fast_path
@@ -215,7 +215,7 @@ class TextModel(nn.Module):
             if not project and not torch.compiler.is_compiling() and mlm_fast_path.splits_head(self.net):
                 return Output(None, mlm_fast_path.head_features(self.net, rows))
             return Output(self.mlm_head(rows.unsqueeze(0)).squeeze(0), rows)
-        out = self.net(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+        out = self.net(input_ids=batch[INPUT_IDS], attention_mask=batch.get(ATTENTION_MASK),
                        output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         features, self._features = self._features, None
         return Output(out.logits, features, out.hidden_states if output_hidden_states else None,

@@ -12,7 +12,7 @@ import timm
 import torch
 from torch import nn
 
-from tunelab.contracts import Output
+from tunelab.contracts import PIXEL_VALUES, Output
 from tunelab.errors import TunelabError
 
 
@@ -70,5 +70,5 @@ class ImageModel(nn.Module):
         return self.net.get_classifier()
 
     def forward(self, batch: dict[str, torch.Tensor], **_: bool) -> Output:
-        features = self.net.forward_head(self.net.forward_features(batch["pixel_values"]), pre_logits=True)
+        features = self.net.forward_head(self.net.forward_features(batch[PIXEL_VALUES]), pre_logits=True)
         return Output(self.classifier(features), features)

@@ -23,6 +23,7 @@ from lightning import LightningDataModule
 from torch import nn
 from torchmetrics.classification import BinaryAccuracy
 
+from tunelab.contracts import INPUT_IDS, LABELS, PIXEL_VALUES, SOURCE, TARGET
 from tunelab.data.domain import DOMAINS
 from tunelab.errors import TunelabError
 from tunelab.models.grl import GradientReversal, dann_lambda
@@ -47,12 +48,12 @@ def concat_inputs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], pad_id
     """
     out = {}
     for key in a.keys() & b.keys():
-        if key == "labels":
+        if key == LABELS:
             continue
         x, y = a[key], b[key]
         if x.dim() >= 2 and x.shape[1:] != y.shape[1:]:
             length = max(x.shape[1], y.shape[1])
-            value = pad_id if key == "input_ids" else 0
+            value = pad_id if key == INPUT_IDS else 0
             x, y = (F.pad(t, (0, length - t.shape[1]), value=value) for t in (x, y))
         out[key] = torch.cat([x, y])
     return out
@@ -148,15 +149,15 @@ class DANNTask(Task):
 
     # ----------------------------------------------------------------- training
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
-        source, target = batch["source"], batch["target"]
-        n = len(source["labels"])
+        source, target = batch[SOURCE], batch[TARGET]
+        n = len(source[LABELS])
         if not self.adapt:  # the source-only baseline never looks at the target
             _, logits = self.features_and_logits(source)
-            loss = self._classification_loss(logits, source["labels"], "train")
+            loss = self._classification_loss(logits, source[LABELS], "train")
             self.log("train/loss", loss, prog_bar=True, batch_size=n)
             return loss
         features, logits = self.features_and_logits(concat_inputs(source, target, self.pad_id))
-        cls_loss = self._classification_loss(logits[:n], source["labels"], "train")
+        cls_loss = self._classification_loss(logits[:n], source[LABELS], "train")
         self.grl.lambd = dann_lambda(self.progress(), self.gamma, self.lambda_max)
         domain_logits = self.heads["discriminator"](self.grl(features))
         domain = torch.cat([torch.zeros(n), torch.ones(len(features) - n)]).to(domain_logits)
@@ -180,7 +181,7 @@ class DANNTask(Task):
     def _eval_step(self, batch: dict[str, torch.Tensor], dataloader_idx: int, stage: str) -> torch.Tensor:
         domain = DOMAINS[dataloader_idx]
         features, logits = self.features_and_logits(batch)
-        labels = batch["labels"]
+        labels = batch[LABELS]
         self.metrics[f"{stage}_{domain}"].update(logits, labels)
         self.log(f"{stage}/{domain}/loss", F.cross_entropy(logits, labels), batch_size=len(labels),
                  add_dataloader_idx=False, sync_dist=True)
@@ -222,9 +223,9 @@ class DANNTask(Task):
         room = self.embed_samples - kept
         if room <= 0:
             return
-        images = batch.get("pixel_values")
+        images = batch.get(PIXEL_VALUES)
         thumbs = None if images is None else _thumbnails(images[:room])
-        self._embedded.append((features[:room].detach().float().cpu(), domain, batch["labels"][:room].cpu(), thumbs))
+        self._embedded.append((features[:room].detach().float().cpu(), domain, batch[LABELS][:room].cpu(), thumbs))
 
     def _write_projector(self) -> None:
         """Source and target test features in TensorBoard's projector, labelled by domain and class."""

@@ -20,7 +20,7 @@ from lightning import LightningDataModule
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from tunelab.contracts import IGNORE_INDEX
+from tunelab.contracts import ATTENTION_MASK, IGNORE_INDEX, INDEX, INPUT_IDS, LABELS
 from tunelab.data.teacher_cache import TeacherCache, check_static, load_or_build
 from tunelab.errors import TunelabError
 from tunelab.latency import cpu_latency
@@ -106,7 +106,7 @@ class DistillTask(FinetuneTask):
     def data_needs(cls, options: Any) -> set[str]:
         """The teacher cache looks outputs up by sample index (unused when the teacher turns out not to be needed
         in training, e.g. alpha=1: the task decides that once it has its models)."""
-        return {"index"} if options.get("cache_teacher") else set()
+        return {INDEX} if options.get("cache_teacher") else set()
 
     @property
     def uses_teacher_in_training(self) -> bool:
@@ -141,8 +141,8 @@ class DistillTask(FinetuneTask):
     def _teacher_train_outputs(self, batch: dict[str, torch.Tensor]) -> dict[Any, torch.Tensor]:
         """Logits and matched layers for a training batch: from the cache, or from the teacher."""
         if self.cache is not None:
-            seq_len = batch["input_ids"].shape[1] if "input_ids" in batch else None
-            rows = self.cache.lookup(batch["index"], self.device, seq_len)
+            seq_len = batch[INPUT_IDS].shape[1] if INPUT_IDS in batch else None
+            rows = self.cache.lookup(batch[INDEX], self.device, seq_len)
             out: dict[Any, torch.Tensor] = {"logits": rows["logits"]}
             for t in self.layer_map.values():
                 if self.hidden_weight > 0:
@@ -159,9 +159,9 @@ class DistillTask(FinetuneTask):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.model(batch, output_hidden_states=self.text_layers, output_attentions=bool(self.attention_pairs))
         teacher = self._teacher_train_outputs(batch) if self.uses_teacher_in_training else {}
-        losses = kd_loss(out.logits, teacher.get("logits"), batch["labels"], self.alpha, self.temperature,
+        losses = kd_loss(out.logits, teacher.get("logits"), batch[LABELS], self.alpha, self.temperature,
                          self.label_smoothing)
-        mask = batch.get("attention_mask")
+        mask = batch.get(ATTENTION_MASK)
         if self.hidden_weight > 0:
             student = outputs_by_layer(out, set(self.layer_map), [])
             losses["hidden"] = torch.stack([
@@ -174,12 +174,12 @@ class DistillTask(FinetuneTask):
                 attention_loss(student_maps[("attention", s)], teacher[("attention", t)], mask)
                 for s, t in self.attention_pairs]).mean()
             losses["loss"] = losses["loss"] + self.attention_weight * losses["attention"]
-        n = len(batch["labels"])
+        n = len(batch[LABELS])
         total = losses.pop("loss")
         self.log("train/loss", total, prog_bar=True, batch_size=n)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=n)
-        labelled = batch["labels"] != IGNORE_INDEX
-        self.train_metrics.update(out.logits[labelled], batch["labels"][labelled])
+        labelled = batch[LABELS] != IGNORE_INDEX
+        self.train_metrics.update(out.logits[labelled], batch[LABELS][labelled])
         if "logits" in teacher:
             self.agreement["train_"].update(out.logits, teacher["logits"].argmax(-1))
             self.log("train/agreement", self.agreement["train_"], on_step=False, on_epoch=True, batch_size=n)
@@ -192,7 +192,7 @@ class DistillTask(FinetuneTask):
         if key not in self._eval_teacher:
             self._eval_teacher[key] = self.teacher(batch).logits
         teacher_logits = self._eval_teacher[key]
-        labels = batch["labels"]
+        labels = batch[LABELS]
         n = len(labels)
         self.log(f"{split}/loss", F.cross_entropy(logits, labels), sync_dist=True, batch_size=n)
         self.log(f"{split}/kd", soft_target_loss(logits, teacher_logits, self.temperature), sync_dist=True, batch_size=n)
@@ -202,8 +202,8 @@ class DistillTask(FinetuneTask):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits = self._eval_step(batch, batch_idx, "val")
-        self.val_metrics.update(logits, batch["labels"])
-        self.val_confusion.update(logits, batch["labels"])
+        self.val_metrics.update(logits, batch[LABELS])
+        self.val_confusion.update(logits, batch[LABELS])
 
     def on_validation_epoch_end(self) -> None:
         self._log_teacher_metrics("val")
@@ -213,8 +213,8 @@ class DistillTask(FinetuneTask):
         if batch_idx == 0:
             self._latency_batch = {k: v[:8] for k, v in batch.items() if torch.is_tensor(v)}
         logits = self._eval_step(batch, batch_idx, "test")
-        self.test_metrics(logits, batch["labels"])
-        self.log_dict(self.test_metrics, on_step=False, on_epoch=True, batch_size=len(batch["labels"]))
+        self.test_metrics(logits, batch[LABELS])
+        self.log_dict(self.test_metrics, on_step=False, on_epoch=True, batch_size=len(batch[LABELS]))
 
     def on_test_epoch_end(self) -> None:
         teacher_acc = self._log_teacher_metrics("test")

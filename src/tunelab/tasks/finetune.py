@@ -16,6 +16,7 @@ from torch import nn
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from tunelab.contracts import LABELS
 from tunelab.errors import TunelabError
 from tunelab.tasks.base import Task, classification_metrics, log_confusion_matrix
 
@@ -78,13 +79,13 @@ class FinetuneTask(Task):
 
     def _step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self(batch)
-        loss = F.cross_entropy(logits, batch["labels"], label_smoothing=self.label_smoothing)
+        loss = F.cross_entropy(logits, batch[LABELS], label_smoothing=self.label_smoothing)
         return loss, logits
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, logits = self._step(batch)
-        n = len(batch["labels"])
-        self.train_metrics.update(logits, batch["labels"])
+        n = len(batch[LABELS])
+        self.train_metrics.update(logits, batch[LABELS])
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         return loss
 
@@ -95,9 +96,9 @@ class FinetuneTask(Task):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, logits = self._step(batch)
-        n = len(batch["labels"])
-        self.val_metrics.update(logits, batch["labels"])
-        self.val_confusion.update(logits, batch["labels"])
+        n = len(batch[LABELS])
+        self.val_metrics.update(logits, batch[LABELS])
+        self.val_confusion.update(logits, batch[LABELS])
         self.log("val/loss", loss, sync_dist=True, batch_size=n)
 
     def on_validation_epoch_end(self) -> None:
@@ -110,8 +111,8 @@ class FinetuneTask(Task):
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, logits = self._step(batch)
-        n = len(batch["labels"])
-        self.test_metrics(logits, batch["labels"])
+        n = len(batch[LABELS])
+        self.test_metrics(logits, batch[LABELS])
         self.log("test/loss", loss, sync_dist=True, batch_size=n)
         self.log_dict(self.test_metrics, on_step=False, on_epoch=True, batch_size=n)
 

@@ -19,7 +19,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MinMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from tunelab.contracts import IGNORE_INDEX, at_predicted, masked_targets
+from tunelab.contracts import IGNORE_INDEX, INPUT_IDS, MLM_LABELS, MLM_POSITIONS, at_predicted, masked_targets
 from tunelab.errors import TunelabError
 from tunelab.models.linear_cross_entropy import linear_cross_entropy
 from tunelab.tasks.base import Task
@@ -129,15 +129,15 @@ class MLMTask(Task):
     # ----------------------------------------------------------------- TensorBoard text panel
     def _keep_examples(self, batch: dict[str, torch.Tensor], logits: torch.Tensor) -> None:
         """The first rows of the first validation batch, and the top-3 guesses at their masked positions."""
-        k = min(self.num_examples, len(batch["input_ids"]))
+        k = min(self.num_examples, len(batch[INPUT_IDS]))
         if k == 0:
             return
-        labels = batch["mlm_labels"]
-        if "mlm_positions" in batch:  # logits follow the position lists; keep the real predictions only
+        labels = batch[MLM_LABELS]
+        if MLM_POSITIONS in batch:  # logits follow the position lists; keep the real predictions only
             logits = logits[masked_targets(batch) != IGNORE_INDEX]
         rows = int((labels[:k] != IGNORE_INDEX).sum())
         top = logits[:rows].float().softmax(-1).topk(TOP_K, dim=-1)
-        self._examples = {"input_ids": batch["input_ids"][:k].cpu(), "labels": labels[:k].cpu(),
+        self._examples = {"input_ids": batch[INPUT_IDS][:k].cpu(), "labels": labels[:k].cpu(),
                           "top_ids": top.indices.cpu(), "top_p": top.values.cpu()}
 
     def _log_examples(self) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.folders import own_tokenizer
 
 CARD = "tunelab.json"
 TEXT_CLASSIFIER, MASKED_LM, IMAGE_CLASSIFIER = "text-classifier", "masked-lm", "image-classifier"
@@ -30,7 +31,6 @@ HEADS = {TEXT_CLASSIFIER: "classifier", MASKED_LM: "masked_lm", IMAGE_CLASSIFIER
 HF_SUFFIX = {TEXT_CLASSIFIER: "ForSequenceClassification", MASKED_LM: "ForMaskedLM"}
 WORDS = {TEXT_CLASSIFIER: "sequence classifier", MASKED_LM: "masked language model",
          IMAGE_CLASSIFIER: "image classifier"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 GENERIC_LABEL = re.compile(r"LABEL_\d+")
 PACKAGES = ("tunelab", "torch", "transformers", "timm", "lightning", "tokenizers")
 
@@ -190,19 +190,6 @@ def _load_hf(source: str, kind: str, card: dict, role: str, trust_remote_code: b
     tokenizer = own_tokenizer(source, trust_remote_code)
     preprocessing = card.get("preprocessing") or {"text": {"tokenizer": "." if tokenizer is not None else None}}
     return Artifact(source, kind, net, labels, tokenizer, preprocessing, card)
-
-
-def own_tokenizer(source: str, trust_remote_code: bool = False) -> Any | None:
-    """The tokenizer saved with a model, or None when it has none."""
-    from transformers import AutoTokenizer
-
-    local = Path(source)
-    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):
-        return None
 
 
 # ----------------------------------------------------------------------------- saving

@@ -6,6 +6,7 @@ Both the text model and the tokenizer loader check the same path, so the check l
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from tunelab.errors import TunelabError
 
@@ -26,3 +27,19 @@ def check_pretrained(source: str) -> str:
             "by save_pretrained)"
         )
     return str(path.resolve())
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+
+
+def own_tokenizer(source: str, trust_remote_code: bool = False) -> Any | None:
+    """The tokenizer saved with a model, or None when it has none."""
+    from transformers import AutoTokenizer
+
+    local = Path(source)
+    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None

@@ -24,7 +24,7 @@ from transformers import (
 
 from tunelab.contracts import ATTENTION_MASK, INPUT_IDS, MLM_LABELS, Output
 from tunelab.errors import TunelabError
-from tunelab.folders import check_pretrained
+from tunelab.folders import check_pretrained, own_tokenizer
 from tunelab.models import mlm_fast_path
 from tunelab.models.dropout import ATTENTION, register, use_cpu_dropout
 from tunelab.runtime import settings
@@ -158,7 +158,6 @@ class TextModel(nn.Module):
     def _check_tokenizer(self, tokenizer: PreTrainedTokenizerBase, source: str, trust_remote_code: bool) -> None:
         """A tokenizer from another folder must be the model's own vocabulary: another one that fits the
         embeddings would train and predict on the wrong rows without any error."""
-        from tunelab.artifacts import own_tokenizer  # artifacts builds text models: import at call time
 
         other = getattr(tokenizer, "name_or_path", "") or "(a tokenizer object)"
         if _same_folder(other, source):

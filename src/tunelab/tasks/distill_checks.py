@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 from lightning import LightningDataModule
 from torch import nn
 
-from tunelab.artifacts import own_tokenizer
 from tunelab.errors import TunelabError
+from tunelab.folders import own_tokenizer
 
 if TYPE_CHECKING:
     from tunelab.models.teacher import Teacher

@@ -158,7 +158,6 @@ class TextModel(nn.Module):
     def _check_tokenizer(self, tokenizer: PreTrainedTokenizerBase, source: str, trust_remote_code: bool) -> None:
         """A tokenizer from another folder must be the model's own vocabulary: another one that fits the
         embeddings would train and predict on the wrong rows without any error."""
-
         other = getattr(tokenizer, "name_or_path", "") or "(a tokenizer object)"
         if _same_folder(other, source):
             return

@@ -202,8 +202,24 @@ def point_latest(target: Path, link: Path) -> None:
     if link.is_symlink() and link.resolve() == target.resolve():
         return
     link.parent.mkdir(parents=True, exist_ok=True)
+    for stale in link.parent.glob(".latest.*"):  # half-made links of processes killed while repointing
+        if stale.is_symlink() and not _alive(stale.suffix.lstrip(".")):
+            stale.unlink(missing_ok=True)
     tmp = link.with_name(f".latest.{os.getpid()}")
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
     tmp.symlink_to(os.path.relpath(target.resolve(), link.parent.resolve()), target_is_directory=True)
     os.replace(tmp, link)
+
+
+def _alive(pid: str) -> bool:
+    """Whether process `pid` (a string, from a file name) exists; this process counts as not alive."""
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

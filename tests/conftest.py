@@ -45,6 +45,23 @@ def make_cfg(tmp_path: Path):
     return _make
 
 
+def snapshot(root: Path) -> dict[str, str]:
+    """Every entry under `root`: a content hash for files, the target for links, `dir` for folders, so any
+    change to a run folder (or a log tree) shows."""
+    import hashlib
+
+    entries = {}
+    for path in sorted(root.rglob("*")):
+        key = str(path.relative_to(root))
+        if path.is_symlink():
+            entries[key] = f"-> {os.readlink(path)}"
+        elif path.is_file():
+            entries[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            entries[key] = "dir"
+    return entries
+
+
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `python train.py ...` as a user would, with logs under `cwd`."""
     full_env = {**os.environ, "TUNELAB_LOG_DIR": str(cwd / "logs"), "HYDRA_FULL_ERROR": "0", **(env or {})}

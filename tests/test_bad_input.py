@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from conftest import FAST, expect_error, run_cli
+from conftest import FAST, expect_error, run_cli, snapshot
 from PIL import Image
 
 from tunelab.config import compose_config
@@ -161,20 +160,6 @@ CASES = {
         "data=image_folder", "data.root={data}/images", "model=timm", "data.image_size=16",
         "data.max_file_bytes=10", fragments=("bytes exceeds data.max_file_bytes=10",)),
 }
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every entry under `root`: content hash for files, target for links, so any change shows."""
-    entries = {}
-    for path in sorted(root.rglob("*")):
-        key = str(path.relative_to(root))
-        if path.is_symlink():
-            entries[key] = f"-> {path.readlink()}"
-        elif path.is_file():
-            entries[key] = hashlib.sha256(path.read_bytes()).hexdigest()
-        else:
-            entries[key] = "dir"
-    return entries
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import json
 import os
 import random
@@ -38,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, snapshot
 
 TESTS = Path(__file__).resolve().parent
 BUDGET = ["trainer.max_epochs=2", "trainer.limit_train_batches=6", "trainer.limit_val_batches=2",
@@ -94,20 +93,6 @@ class Launch:
     @property
     def killed(self) -> bool:
         return self.rc == -signal.SIGKILL
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every entry under `folder`: a content hash for files, the target for links, `dir` for folders."""
-    entries = {}
-    for path in sorted(folder.rglob("*")):
-        key = str(path.relative_to(folder))
-        if path.is_symlink():
-            entries[key] = f"-> {os.readlink(path)}"
-        elif path.is_file():
-            entries[key] = hashlib.sha256(path.read_bytes()).hexdigest()
-        else:
-            entries[key] = "dir"
-    return entries
 
 
 def status(run: Path) -> dict:

@@ -7,7 +7,6 @@ module shares one data cache, built before the reference run.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, snapshot
 from safetensors.torch import load_file
 
 BUDGET = ["trainer.max_epochs=2", "trainer.limit_train_batches=6", "trainer.limit_val_batches=2",
@@ -43,11 +42,6 @@ def train(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 def runs_of(cwd: Path, task: str) -> list[Path]:
     folder = cwd / "logs" / task / "runs"
     return sorted(folder.iterdir()) if folder.is_dir() else []
-
-
-def fingerprint(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 def outcome(run: Path) -> tuple[dict, dict, dict]:
@@ -116,16 +110,16 @@ def test_resuming_a_finished_run_is_an_error_that_writes_nothing(reference, tmp_
     first = train(tmp_path, *TASKS["finetune"], *BUDGET, "trainer.max_epochs=1")
     assert first.returncode == 0, first.stderr[-3000:]
     [run] = runs_of(tmp_path, "finetune")
-    before = fingerprint(run)
+    before = snapshot(run)
     again = train(tmp_path, *TASKS["finetune"], *BUDGET, "trainer.max_epochs=1", "ckpt_path=last")
     assert again.returncode == 2
     assert "has finished" in again.stderr and f"ckpt_path={run}/checkpoints/last.ckpt" in again.stderr
     assert "Traceback" not in again.stderr
-    assert fingerprint(run) == before and runs_of(tmp_path, "finetune") == [run]
+    assert snapshot(run) == before and runs_of(tmp_path, "finetune") == [run]
     # the advice works: a new run from the finished run's checkpoint, with a larger budget
     more = train(tmp_path, *TASKS["finetune"], *BUDGET, f"ckpt_path={run}/checkpoints/last.ckpt")
     assert more.returncode == 0, more.stderr[-3000:]
-    assert fingerprint(run) == before and len(runs_of(tmp_path, "finetune")) == 2
+    assert snapshot(run) == before and len(runs_of(tmp_path, "finetune")) == 2
     same = train(tmp_path, *TASKS["finetune"], *BUDGET, "trainer.max_epochs=1",
                  f"ckpt_path={run}/checkpoints/last.ckpt")
     assert same.returncode == 2 and "nothing is left to train" in same.stderr
@@ -148,7 +142,7 @@ def test_a_second_process_is_kept_out_of_a_run_in_use(reference, tmp_path: Path)
     first = train(tmp_path, *TASKS["finetune"], *BUDGET, *kill_at("train_batch_end", 3))
     assert first.returncode == -9
     [run] = runs_of(tmp_path, "finetune")
-    before = fingerprint(run)
+    before = snapshot(run)
     holder = subprocess.Popen([sys.executable, "-c", (
         "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX);"
         " print('locked', flush=True); time.sleep(120)"), str(run / ".lock")], stdout=subprocess.PIPE, text=True)
@@ -159,7 +153,7 @@ def test_a_second_process_is_kept_out_of_a_run_in_use(reference, tmp_path: Path)
         holder.kill()
         holder.wait()
     assert second.returncode == 2 and "is still running" in second.stderr, second.stderr[-2000:]
-    assert fingerprint(run) == before and runs_of(tmp_path, "finetune") == [run]
+    assert snapshot(run) == before and runs_of(tmp_path, "finetune") == [run]
 
 
 def test_lock_is_released_when_its_process_dies(tmp_path: Path) -> None:

@@ -16,13 +16,14 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
-from tunelab.folders import own_tokenizer
+from tunelab.folders import is_local, own_tokenizer
 
 CARD = "tunelab.json"
 TEXT_CLASSIFIER, MASKED_LM, IMAGE_CLASSIFIER = "text-classifier", "masked-lm", "image-classifier"
@@ -65,10 +66,6 @@ def model_dir(path: str | Path, role: str = "model") -> Path:
         f"{role}: {folder} holds no model (expected a run folder with model/, a Hugging Face model folder with "
         "config.json and model.safetensors, or a timm folder with config.json and model.safetensors)"
     )
-
-
-def is_local(path: str) -> bool:
-    return Path(path).expanduser().exists() or str(path).startswith((".", "/", "~")) or str(path).count("/") > 1
 
 
 def read_card(folder: Path) -> dict[str, Any]:
@@ -308,7 +305,5 @@ Preprocessing: `{json.dumps(card.get("preprocessing"))}`.
 
 def write_atomic_dir(tmp: Path, target: Path) -> None:
     """Replace folder `target` by `tmp` (a finished write); an older `target` is removed first."""
-    import shutil
-
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)

@@ -11,11 +11,15 @@ from typing import Any
 from tunelab.errors import TunelabError
 
 
+def is_local(source: str) -> bool:
+    """Whether a model source names a local folder (a path) rather than a hub name."""
+    return Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
+
+
 def check_pretrained(source: str) -> str:
     """Fail early, naming the path, when a local model directory is missing or holds no model."""
     path = Path(source).expanduser()
-    looks_local = path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
-    if not looks_local:
+    if not is_local(source):
         return source  # a hub name: resolved by transformers when online
     if not path.is_dir():
         raise TunelabError(f"model.pretrained: directory not found: {path} (expected a Hugging Face model folder)")

@@ -103,7 +103,7 @@ def load_teacher(path: str | None = None, weights: str | None = None, trust_remo
         return _from_timm_name(str(path), weights)
     local = Path(str(path)).expanduser()
     if head == "classifier" and not local.is_dir():
-        if local.exists() or artifacts.is_local(str(path)):
+        if artifacts.is_local(str(path)):
             raise TunelabError(f"teacher.path: {local} is not a folder (expected a run folder, a model folder, or a "
                                f"hub name); make a teacher with `{MAKE_ONE}`")
         import timm

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -22,16 +23,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from tunelab.artifacts.kinds import CARD, IMAGE_CLASSIFIER, LOADERS, MASKED_LM, TEXT_CLASSIFIER, WORDS
+from tunelab.artifacts.readme import model_card
 from tunelab.errors import TunelabError
 from tunelab.folders import is_local, own_tokenizer
 
-CARD = "tunelab.json"
-TEXT_CLASSIFIER, MASKED_LM, IMAGE_CLASSIFIER = "text-classifier", "masked-lm", "image-classifier"
-KINDS = (TEXT_CLASSIFIER, MASKED_LM, IMAGE_CLASSIFIER)
 HEADS = {TEXT_CLASSIFIER: "classifier", MASKED_LM: "masked_lm", IMAGE_CLASSIFIER: "classifier"}
 HF_SUFFIX = {TEXT_CLASSIFIER: "ForSequenceClassification", MASKED_LM: "ForMaskedLM"}
-WORDS = {TEXT_CLASSIFIER: "sequence classifier", MASKED_LM: "masked language model",
-         IMAGE_CLASSIFIER: "image classifier"}
 GENERIC_LABEL = re.compile(r"LABEL_\d+")
 PACKAGES = ("tunelab", "torch", "transformers", "timm", "lightning", "tokenizers")
 
@@ -140,6 +138,9 @@ def load(path: str | Path, kind: str | None = None, role: str = "model", trust_r
         what = (config.get("architectures") or [config.get("architecture") or found])[0]
         wanted = " or ".join(WORDS[k] for k in kinds)
         raise TunelabError(f"{role}: {source} is a {what}, not a {wanted} (it holds a {found})")
+    if found in LOADERS:
+        module, function = LOADERS[found].split(":")
+        return getattr(importlib.import_module(module), function)(Path(source), card, config, role)
     if found == IMAGE_CLASSIFIER:
         return _load_timm(Path(source), card, config, role)
     return _load_hf(source, found, card, role, trust_remote_code)
@@ -240,67 +241,6 @@ def versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             found[name] = None
     return found
-
-
-# ----------------------------------------------------------------------------- the human card
-LOAD_SNIPPET = {
-    TEXT_CLASSIFIER: ('from transformers import AutoModelForSequenceClassification, AutoTokenizer\n'
-                      'model = AutoModelForSequenceClassification.from_pretrained("{path}")\n'
-                      'tokenizer = AutoTokenizer.from_pretrained("{path}")\n'
-                      'inputs = tokenizer(["a text"], truncation=True, max_length={max_length}, return_tensors="pt")\n'
-                      'label = model.config.id2label[model(**inputs).logits.argmax(-1).item()]'),
-    MASKED_LM: ('from transformers import pipeline\n'
-                'fill = pipeline("fill-mask", model="{path}")\n'
-                'fill("this product is [MASK].")'),
-    IMAGE_CLASSIFIER: ('import timm\n'
-                       'net = timm.create_model("local-dir:{path}", pretrained=True).eval()\n'
-                       'config = timm.data.resolve_data_config(model=net)   # {size}\n'
-                       'transform = timm.data.create_transform(**config)'),
-}
-
-
-def model_card(card: dict[str, Any]) -> str:
-    """A Hugging Face style README.md: what the model is, how to load it, its metrics, how it was made."""
-    kind = card["kind"]
-    library = "timm" if kind == IMAGE_CLASSIFIER else "transformers"
-    text = card.get("preprocessing", {}).get("text", {})
-    image = card.get("preprocessing", {}).get("image", {})
-    snippet = LOAD_SNIPPET[kind].format(path=card.get("path", "."), max_length=text.get("max_length"),
-                                        size=f"input_size {image.get('input_size')}")
-    metrics = card.get("metrics") or {}
-    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()) if isinstance(v, float))
-    parents = "\n".join(f"- {p['role']}: `{p['source']}` (sha256 {str(p.get('sha256'))[:16]})"
-                        for p in card.get("parents") or []) or "- none (trained from scratch)"
-    labels = ", ".join(card.get("labels") or []) or "none"
-    return f"""---
-library_name: {library}
-tags: [tunelab, {kind}]
----
-
-# {kind} made by `task={card.get("task")}`
-
-A {kind.replace("-", " ")} trained with tunelab. Labels: {labels}.
-
-## How to load it (no tunelab needed)
-
-```python
-{snippet}
-```
-
-Preprocessing: `{json.dumps(card.get("preprocessing"))}`.
-
-## Metrics
-
-| metric | value |
-| --- | --- |
-{rows or "| (none) | |"}
-
-## How it was made
-
-- run: `{card.get("run", {}).get("folder")}` (its resolved config is in `{CARD}`)
-{parents}
-- versions: {", ".join(f"{k} {v}" for k, v in (card.get("versions") or {}).items() if v)}
-"""
 
 
 def write_atomic_dir(tmp: Path, target: Path) -> None:

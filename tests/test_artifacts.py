@@ -123,6 +123,29 @@ def test_distilled_student_folder_reproduces_test_accuracy(make_cfg, tmp_path: P
     assert abs(accuracy - metrics["test/acc"]) <= 0.005
 
 
+@pytest.mark.slow
+def test_distilled_image_student_folder_reproduces_test_accuracy(make_cfg, tmp_path: Path) -> None:
+    teacher, _, _ = finished(make_cfg("data=digits", "model=timm", "model.name=resnet18"))
+    cfg = make_cfg("experiment=digits_distill", f"teacher.path={teacher}", "data.model_name=resnet18", *FULL_TEST)
+    cfg.paths.output_dir = str(tmp_path / "student")
+    model, metrics, card = finished(cfg)
+    check_card(card, "distill", artifacts.IMAGE_CLASSIFIER, metrics)
+    [parent] = [p for p in card["parents"] if p["role"] == "teacher"]
+    assert parent["sha256"] == artifacts.weights_digest(teacher)
+    accuracy = plain_accuracy(IMAGE_SCRIPT, str(model), str(Path(cfg.data.root) / "test"))
+    assert abs(accuracy - metrics["test/acc"]) <= 0.005
+
+
+@pytest.mark.slow
+def test_dann_text_folder_reproduces_target_test_accuracy(make_cfg) -> None:
+    cfg = make_cfg("experiment=reviews_dann", *FULL_TEST)
+    model, metrics, card = finished(cfg)
+    check_card(card, "dann", artifacts.TEXT_CLASSIFIER, metrics)
+    [domain] = cfg.data.target.domains
+    accuracy = plain_accuracy(TEXT_SCRIPT, str(model), cfg.data.target.test_file, domain)
+    assert abs(accuracy - metrics["test/target/acc"]) <= 0.005
+
+
 def test_parent_hash_follows_the_parents_weights(tiny_hf_dir: Path, tmp_path: Path) -> None:
     copy = tmp_path / "parent"
     shutil.copytree(tiny_hf_dir, copy)

@@ -306,6 +306,7 @@ def test_domains_of_different_image_sizes(make_cfg, image_pair) -> None:
     expect_error(cfg, "data.source images are (3, 32, 32)", "data.target images are (3, 48, 48)")
 
 
+@pytest.mark.slow  # in make test-all: the fast suite keeps one run of this kind
 def test_dann_under_ddp_cpu(tmp_path: Path, text_pair) -> None:
     proc = run_cli("trainer=ddp_cpu", *FAST, *text_args(*text_pair), cwd=tmp_path)  # 60 source rows: 30 a rank
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -313,6 +314,7 @@ def test_dann_under_ddp_cpu(tmp_path: Path, text_pair) -> None:
     assert {"test/source/acc", "test/target/acc"} <= set(metrics)
 
 
+@pytest.mark.slow  # in make test-all: the fast suite keeps one run of this kind
 def test_dann_optuna_search(tmp_path: Path, text_pair) -> None:
     value = check_one_trial_search("dann_optuna", "dann", *FAST, *text_args(*text_pair), cwd=tmp_path)
     assert 0 <= value <= 1

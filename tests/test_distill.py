@@ -429,6 +429,7 @@ def test_masked_lm_student_needs_a_masked_lm_teacher(make_cfg, tmp_path: Path, h
     expect_error(cfg, "BertForSequenceClassification, not a masked language model", "python train.py task=mlm")
 
 
+@pytest.mark.slow  # in make test-all: the fast suite keeps one run of this kind
 def test_distill_under_ddp_cpu_with_the_cache(tmp_path: Path, text_data: Path, hf_teacher: Path) -> None:
     proc = run_cli("trainer=ddp_cpu", *FAST, *text_args(text_data, hf_teacher, "task.cache_teacher=true",
                                                          "task.hidden_weight=1"), cwd=tmp_path)
@@ -437,6 +438,7 @@ def test_distill_under_ddp_cpu_with_the_cache(tmp_path: Path, text_data: Path, h
     assert 0 <= metrics["test/agreement"] <= 1 and metrics["test/teacher_acc"] > 0
 
 
+@pytest.mark.slow  # in make test-all: the fast suite keeps one run of this kind
 def test_distill_optuna_search(tmp_path: Path, text_data: Path, hf_teacher: Path) -> None:
     value = check_one_trial_search("distill_optuna", "distill", *FAST, *text_args(text_data, hf_teacher),
                                    cwd=tmp_path)

@@ -75,6 +75,7 @@ def test_multirun_with_ddp_cpu_makes_exactly_two_runs(tmp_path: Path, data_file:
     assert sorted(lrs.values()) == [1e-3, 3e-3]
 
 
+@pytest.mark.slow  # in make test-all: the fast suite keeps one run of this kind
 def test_killed_ddp_cpu_run_resumes_from_last(tmp_path: Path, data_file: Path) -> None:
     """Rank 0 is SIGKILLed in its second epoch (rank 1 dies with it); `ckpt_path=last` finishes the run."""
     args = ["trainer=ddp_cpu", *TINY, f"data.train_file={data_file}", "trainer.max_epochs=2", "data.batch_size=8",

@@ -361,6 +361,7 @@ FAST_BUDGET = ["task=finetune", "model.hidden_size=64", "trainer.max_epochs=1", 
                "callbacks.model_checkpoint.every_n_train_steps=2", "trainer.enable_progress_bar=false"]
 
 
+@pytest.mark.slow  # in make test-all: the fast suite keeps one run of this kind
 def test_one_run_killed_five_times_and_resumed(tmp_path: Path) -> None:
     """Kills of one run, each followed by the resume (which the next kill stops), then the resume that ends:
     mid-epoch (step 3, resumed from step 2), at the step-4 checkpoint, while last.ckpt is written right after

@@ -470,6 +470,7 @@ def test_limit_train_per_class(make_cfg, tmp_path: Path) -> None:
         assert texts[0] == texts[1]
 
 
+@pytest.mark.slow  # in make test-all: the fast suite keeps one run of this kind
 def test_mlm_under_ddp_cpu(tmp_path: Path, corpus_file: Path) -> None:
     proc = run_cli("trainer=ddp_cpu", *FAST, "task=mlm", "data=text_files", f"data.train_file={corpus_file}",
                    "model.hidden_size=32", "model.intermediate_size=64", "data.vocab_size=200", cwd=tmp_path)

@@ -23,7 +23,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tunelab.artifacts.kinds import CARD, IMAGE_CLASSIFIER, LOADERS, MASKED_LM, TEXT_CLASSIFIER, WORDS
+from tunelab.artifacts.kinds import (
+    ADAPTER_CONFIG,
+    CARD,
+    IMAGE_CLASSIFIER,
+    LOADERS,
+    LORA_ADAPTER,
+    MASKED_LM,
+    TEXT_CLASSIFIER,
+    WORDS,
+)
 from tunelab.artifacts.readme import model_card
 from tunelab.errors import TunelabError
 from tunelab.folders import is_local, own_tokenizer
@@ -48,7 +57,8 @@ class Artifact:
 
     @property
     def modality(self) -> str:
-        return "image" if self.kind == IMAGE_CLASSIFIER else "text"
+        own = getattr(self.net, "modality", None)  # derived kinds (pruned, ONNX) of either modality
+        return own if isinstance(own, str) else "image" if self.kind == IMAGE_CLASSIFIER else "text"
 
 
 # ----------------------------------------------------------------------------- finding folders
@@ -56,7 +66,7 @@ def model_dir(path: str | Path, role: str = "model") -> Path:
     """The model folder behind `path`: the folder itself, a run folder's `model/` (also `logs/<task>/latest`)."""
     folder = Path(path).expanduser()
     for candidate in (folder, folder / "model"):
-        if (candidate / "config.json").is_file():
+        if (candidate / "config.json").is_file() or (candidate / ADAPTER_CONFIG).is_file():  # (or a peft adapter)
             return candidate.resolve()
     if not folder.exists():
         raise TunelabError(f"{role}: directory not found: {folder} (expected a model folder or a run folder)")
@@ -76,12 +86,14 @@ def read_card(folder: Path) -> dict[str, Any]:
 
 
 def read_config(folder: Path, role: str) -> dict[str, Any]:
+    file = folder / ("config.json" if (folder / "config.json").is_file() or not (folder / ADAPTER_CONFIG).is_file()
+                     else ADAPTER_CONFIG)
     try:
-        config = json.loads((folder / "config.json").read_text())
+        config = json.loads(file.read_text())
     except (OSError, ValueError) as e:
-        raise TunelabError(f"{role}: cannot read {folder / 'config.json'} ({e})") from None
+        raise TunelabError(f"{role}: cannot read {file} ({e})") from None
     if not isinstance(config, dict):
-        raise TunelabError(f"{role}: {folder / 'config.json'} is not a JSON object")
+        raise TunelabError(f"{role}: {file} is not a JSON object")
     return config
 
 
@@ -89,6 +101,8 @@ def kind_of(config: dict[str, Any]) -> str:
     """The kind a plain folder's config.json describes (timm configs name an `architecture`)."""
     if "architecture" in config:
         return IMAGE_CLASSIFIER
+    if config.get("peft_type") == "LORA":
+        return LORA_ADAPTER
     archs = config.get("architectures") or []
     return MASKED_LM if any(a.endswith("ForMaskedLM") for a in archs) else TEXT_CLASSIFIER
 

@@ -111,3 +111,105 @@ def init_from(student: nn.Module, teacher: Teacher, layers: list[int] | None) ->
     return layers
 
 
+# ----------------------------------------------------------------------------- structured pruning
+# encoders whose layers are laid out as BERT's: layer.attention.self.{query,key,value}, layer.attention.output.dense,
+# layer.intermediate.dense, layer.output.dense
+BERT_LIKE = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "data2vec-text")
+
+
+def encoder_layers(net: nn.Module) -> nn.ModuleList:
+    """The transformer layers of a BERT-like `transformers` model (fails naming the architecture otherwise)."""
+    model_type = getattr(getattr(net, "config", None), "model_type", None)
+    encoder = getattr(getattr(net, "base_model", None), "encoder", None)
+    if model_type not in BERT_LIKE or not isinstance(getattr(encoder, "layer", None), nn.ModuleList):
+        raise TunelabError(f"structured pruning needs a BERT-like encoder (model_type in {list(BERT_LIKE)}); this "
+                           f"model is {model_type!r} (use prune=unstructured for other architectures)")
+    return encoder.layer
+
+
+def slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    """A smaller copy of `linear` keeping rows (dim 0, outputs) or columns (dim 1, inputs) `index`."""
+    weight = linear.weight.detach().index_select(dim, index).clone()
+    bias = linear.bias.detach()[index].clone() if linear.bias is not None and dim == 0 else (
+        linear.bias.detach().clone() if linear.bias is not None else None)
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    return new.train(linear.training)
+
+
+def keep_heads(layer: nn.Module, heads: list[int]) -> None:
+    """Slice one layer's attention to the heads in `heads` (at least one): query/key/value rows, output columns."""
+    attn = layer.attention.self
+    if not heads:
+        raise TunelabError("structured pruning keeps at least one attention head per layer")
+    d = attn.attention_head_size
+    index = torch.cat([torch.arange(h * d, (h + 1) * d) for h in sorted(heads)])
+    for name in ("query", "key", "value"):
+        setattr(attn, name, slice_linear(getattr(attn, name), index, 0))
+    layer.attention.output.dense = slice_linear(layer.attention.output.dense, index, 1)
+    attn.num_attention_heads, attn.all_head_size = len(heads), len(heads) * d
+
+
+def keep_neurons(layer: nn.Module, neurons: list[int]) -> None:
+    """Slice one layer's feed-forward block to the intermediate neurons in `neurons`."""
+    index = torch.tensor(sorted(neurons), dtype=torch.long)
+    layer.intermediate.dense = slice_linear(layer.intermediate.dense, index, 0)
+    layer.output.dense = slice_linear(layer.output.dense, index, 1)
+
+
+def keep_layers(net: nn.Module, layers: list[int]) -> None:
+    """Keep the transformer layers `layers` (in order) and say so in the config."""
+    encoder = net.base_model.encoder
+    encoder.layer = nn.ModuleList([encoder_layers(net)[i] for i in sorted(layers)])
+    net.config.num_hidden_layers = len(layers)
+
+
+def layout(net: nn.Module) -> list[dict[str, int]]:
+    """Per-layer shapes: heads and feed-forward width of every transformer layer."""
+    return [{"heads": int(layer.attention.self.num_attention_heads), "ffn": int(layer.intermediate.dense.out_features)}
+            for layer in encoder_layers(net)]
+
+
+def apply_layout(net: nn.Module, shapes: list[dict[str, int]]) -> None:
+    """Give a freshly built model the per-layer shapes of a pruned one, before its weights are loaded."""
+    if len(shapes) != len(encoder_layers(net)):
+        keep_layers(net, list(range(len(shapes))))
+    for layer, shape in zip(encoder_layers(net), shapes, strict=True):
+        keep_heads(layer, list(range(int(shape["heads"]))))
+        keep_neurons(layer, list(range(int(shape["ffn"]))))
+
+
+def standard_config(net: nn.Module) -> bool:
+    """Write the shapes into the config where it can hold them (one FFN width); whether a plain
+    `transformers` model of that config has exactly these shapes (no head was removed)."""
+    shapes = layout(net)
+    widths = {s["ffn"] for s in shapes}
+    if len(widths) == 1:
+        net.config.intermediate_size = widths.pop()
+    full = net.config.num_attention_heads
+    return len({s["ffn"] for s in shapes}) == 1 and all(s["heads"] == full for s in shapes)
+
+
+def fit_shapes(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Resize the convolutions, batch norms and linear layers of `module` to the tensors of `state` (a channel-
+    pruned CNN's weights), so that `load_state_dict` fits without `ignore_mismatched_sizes`."""
+    for name, child in list(module.named_modules()):
+        weight = state.get(f"{name}.weight")
+        if weight is None or tuple(weight.shape) == tuple(getattr(child, "weight", torch.empty(0)).shape):
+            continue
+        if isinstance(child, nn.Conv2d):
+            child.in_channels, child.out_channels = weight.shape[1] * child.groups, weight.shape[0]
+        elif isinstance(child, nn.BatchNorm2d):
+            child.num_features = weight.shape[0]
+            for buffer in ("running_mean", "running_var"):
+                setattr(child, buffer, torch.zeros(weight.shape[0]))
+        elif isinstance(child, nn.Linear):
+            child.out_features, child.in_features = weight.shape
+        else:
+            continue
+        child.weight = nn.Parameter(torch.empty_like(weight))
+        if getattr(child, "bias", None) is not None:
+            child.bias = nn.Parameter(torch.empty(weight.shape[0]))

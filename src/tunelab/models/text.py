@@ -86,6 +86,7 @@ class TextModel(nn.Module):
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
         vocab_size: int | None = None,
+        net: PreTrainedModel | None = None,
     ) -> None:
         super().__init__()
         if head not in HEADS:
@@ -97,7 +98,9 @@ class TextModel(nn.Module):
                 raise TunelabError("a classifier needs labelled data (data.label_field and its labels)")
             kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
                       "label2id": {name: i for i, name in enumerate(labels)}}
-        if pretrained:
+        if net is not None:  # built elsewhere, e.g. with pruned layer shapes no config can express
+            self.net = net
+        elif pretrained:
             source = check_pretrained(str(pretrained))
             self.net = self._load(HEADS[head], source, kwargs, ignore_mismatched_sizes, trust_remote_code)
         else:
@@ -113,7 +116,7 @@ class TextModel(nn.Module):
             self.net = HEADS[head].from_config(config, attn_implementation="sdpa")
         if tokenizer is not None:
             self._check_vocab(tokenizer)
-            if pretrained:
+            if pretrained and net is None:
                 self._check_tokenizer(tokenizer, source, trust_remote_code)
         if settings.cpu_dropout:  # runtime.cpu_dropout
             use_cpu_dropout(self.net)

@@ -1,0 +1,149 @@
+"""Compression: ONNX parity, int8 and pruned artifacts that reload, head/FFN slicing equal to masking,
+unstructured sparsity, bad input before any work, and a source folder that is never modified."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunelab import artifacts
+
+LABELS = ["negative", "positive"]
+
+
+def text_batch(tokenizer, n: int, length: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, len(tokenizer), (n, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, length // 2:] = 0  # one padded row
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (n,), generator=g)}
+
+
+@pytest.fixture(scope="module")
+def text_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny text classifier saved as a `model/` folder (3 layers, 4 heads, FFN 64)."""
+    from tunelab.data.tokenizer import train_wordpiece
+    from tunelab.models.text import TextModel
+
+    torch.manual_seed(0)
+    texts = [f"the {w} is {a}" for w in ("book", "kettle", "phone", "film") for a in ("good", "bad", "fine")]
+    tokenizer = train_wordpiece(texts * 20, vocab_size=120)
+    net = TextModel("classifier", LABELS, tokenizer, hidden_size=32, num_layers=3, num_heads=4,
+                    intermediate_size=64, max_position_embeddings=64, dropout=0.0)
+    return artifacts.save(tmp_path_factory.mktemp("text") / "model", net.eval(), labels=LABELS, tokenizer=tokenizer,
+                          max_length=64, card={"task": "finetune"})
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tunelab.models.vision import ImageModel
+
+    torch.manual_seed(0)
+    net = ImageModel("classifier", [str(i) for i in range(10)], name="resnet10t")
+    config = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear",
+              "crop_pct": 1.0}
+    return artifacts.save(tmp_path_factory.mktemp("image") / "model", net.eval(), labels=net.labels,
+                          data_config=config, card={"task": "finetune"})
+
+
+def predictions(net, batches) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        return [net(b).logits for b in batches]
+
+
+# ----------------------------------------------------------------------------- ONNX and int8
+def test_onnx_text_matches_pytorch_at_two_shapes_and_reloads_with_int8(text_folder: Path, tmp_path: Path) -> None:
+    from tunelab.artifacts import onnx as onnx_kind
+    from tunelab.compress import onnx_export, quantize
+
+    source = artifacts.load(text_folder)
+    shapes = [text_batch(source.tokenizer, 1, 7), text_batch(source.tokenizer, 5, 23, seed=1)]
+    graph = onnx_export.export(source.net, tmp_path / "fp32.onnx", text_batch(source.tokenizer, 2, 16))
+    saved = onnx_kind.save(tmp_path / "onnx_fp32", graph, source, {"precision": "fp32"})
+    loaded = artifacts.load(saved)
+    assert loaded.kind == "onnx-classifier" and loaded.modality == "text" and loaded.labels == LABELS
+    assert loaded.tokenizer.get_vocab() == source.tokenizer.get_vocab()
+    assert onnx_export.max_difference(source.net, loaded.net, shapes) <= 1e-4
+    for batch, logits in zip(shapes, predictions(loaded.net, shapes), strict=True):
+        assert logits.shape == (batch["input_ids"].shape[0], 2)
+
+    int8 = onnx_kind.save(tmp_path / "onnx_int8", quantize.onnx_dynamic(graph, tmp_path / "int8.onnx"), source,
+                          {"precision": "int8"})
+    before = predictions(onnx_kind.OnnxNet(tmp_path / "int8.onnx"), shapes)
+    after = predictions(artifacts.load(int8).net, shapes)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert (int8 / "model.onnx").stat().st_size < (saved / "model.onnx").stat().st_size
+
+
+def test_torch_int8_reloads_with_the_same_predictions(text_folder: Path, tmp_path: Path) -> None:
+    from tunelab.artifacts import quantized
+    from tunelab.compress import quantize
+
+    source = artifacts.load(text_folder)
+    batches = [text_batch(source.tokenizer, 4, 12)]
+    model = quantize.torch_dynamic(source.net)
+    loaded = artifacts.load(quantized.save(tmp_path / "int8", model, source, {"method": "torch-dynamic"}))
+    assert loaded.kind == "int8-classifier"
+    assert torch.equal(predictions(model, batches)[0], predictions(loaded.net, batches)[0])
+
+
+def test_onnx_image_matches_pytorch_at_two_batch_sizes(image_folder: Path, tmp_path: Path) -> None:
+    from tunelab.artifacts import onnx as onnx_kind
+    from tunelab.compress import onnx_export
+
+    source = artifacts.load(image_folder)
+    g = torch.Generator().manual_seed(0)
+    shapes = [{"pixel_values": torch.randn(n, 3, 32, 32, generator=g)} for n in (1, 6)]
+    graph = onnx_export.export(source.net, tmp_path / "fp32.onnx", {"pixel_values": torch.randn(2, 3, 32, 32)})
+    loaded = artifacts.load(onnx_kind.save(tmp_path / "onnx", graph, source, {"precision": "fp32"}))
+    assert loaded.modality == "image" and loaded.preprocessing["image"]["input_size"] == [3, 32, 32]
+    assert onnx_export.max_difference(source.net, loaded.net, shapes) <= 1e-4
+
+
+# ----------------------------------------------------------------------------- structured pruning
+def test_pruned_heads_and_ffn_equal_the_masked_model_and_reload(text_folder: Path, tmp_path: Path) -> None:
+    from tunelab.artifacts import pruned as pruned_kind
+    from tunelab.compress import heads, structured
+
+    source = artifacts.load(text_folder)
+    batch = text_batch(source.tokenizer, 6, 20)
+    plan = structured.make_plan(source.net, [batch], heads=0.5, ffn=0.5, layers=0)
+    assert sum(map(len, plan.heads.values())) == 6 and all(len(v) == 32 for v in plan.ffn.values())
+    model = copy.deepcopy(source.net)
+    structured.apply(model.net, plan)
+    masks = heads.Gates.ones(source.net.net)
+    for layer, removed in plan.heads.items():
+        masks.heads[layer][removed] = 0
+    for layer, removed in plan.ffn.items():
+        masks.ffn[layer][removed] = 0
+    with torch.inference_mode(), heads.gated(source.net.net, masks):
+        masked = source.net(batch).logits
+    sliced = predictions(model, [batch])[0]
+    assert (masked - sliced).abs().max() <= 1e-5
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in source.net.parameters())
+
+    loaded = artifacts.load(pruned_kind.save(tmp_path / "pruned", model, source, {"method": "heads_ffn"}))
+    assert loaded.kind == "pruned-classifier" and not loaded.card["compression"]["standard_config"]
+    assert torch.equal(predictions(loaded.net, [batch])[0], sliced)
+
+
+def test_a_layer_and_uniform_ffn_pruned_folder_loads_in_plain_transformers(text_folder: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from tunelab.artifacts import pruned as pruned_kind
+    from tunelab.compress import structured
+
+    source = artifacts.load(text_folder)
+    batch = text_batch(source.tokenizer, 4, 16)
+    model = copy.deepcopy(source.net)
+    structured.apply(model.net, structured.make_plan(model, [batch], heads=0.0, ffn=0.25, layers=1))
+    folder = pruned_kind.save(tmp_path / "pruned", model, source, {"method": "ffn_layers"})
+    assert artifacts.load(folder).card["compression"]["standard_config"]
+    plain = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    assert plain.config.num_hidden_layers == 2 and plain.config.intermediate_size == 48
+    with torch.inference_mode():
+        logits = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert (logits - predictions(model, [batch])[0]).abs().max() <= 1e-5

@@ -1,12 +1,15 @@
 """Forward-pass latency of two networks measured side by side: the ratio is the result, not the milliseconds.
 
-Used by the distillation task (`test/latency_ratio`) and by `make bench`.
+Used by the distillation task (`test/latency_ratio`), by `make bench` and by the compression report
+(`percentiles`: p50/p95 of one network at a stated thread count).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -39,3 +42,27 @@ def cpu_latency(student: nn.Module, teacher: nn.Module, batch: dict[str, torch.T
         for m, mode in zip(nets, modes, strict=True):
             m.train(mode)
     return 1000 * statistics.median(times[0]), 1000 * statistics.median(times[1])
+
+
+def percentiles(call: Callable[[], object], repeats: int, warmup: int = 3) -> tuple[float, float]:
+    """p50 and p95 milliseconds of `call()` after `warmup` untimed calls (for the compression report and bench)."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(1000 * (time.perf_counter() - start))
+    times.sort()
+    return statistics.median(times), times[min(len(times) - 1, round(0.95 * (len(times) - 1)))]
+
+
+@contextmanager
+def threads(n: int) -> Iterator[int]:
+    """Run PyTorch on `n` intra-op threads (stated next to every latency figure), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield int(n)
+    finally:
+        torch.set_num_threads(before)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -60,6 +61,9 @@ def export(model: nn.Module, path: Path, example: dict[str, torch.Tensor], opset
         sequence = torch.export.Dim("sequence", min=2, max=int(model.net.config.max_position_embeddings))
         shapes = {name: {0: batch, 1: sequence} for name in names}
     path.parent.mkdir(parents=True, exist_ok=True)
+    quiet = logging.getLogger("onnx_ir")  # logs every initializer it deduplicates at INFO
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         try:
@@ -69,6 +73,8 @@ def export(model: nn.Module, path: Path, example: dict[str, torch.Tensor], opset
         except Exception as e:  # the exporter's errors name the operator it could not translate
             raise TunelabError(f"export=onnx: {type(model.net).__name__} could not be exported "
                                f"({str(e).splitlines()[0][:300]})") from None
+        finally:
+            quiet.setLevel(level)
     return path
 
 

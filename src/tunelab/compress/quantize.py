@@ -18,6 +18,7 @@ import logging
 import tempfile
 import warnings
 from collections.abc import Iterable
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +92,15 @@ class _quiet:
 
     def __exit__(self, *_: object) -> None:
         logging.getLogger().setLevel(self.level)
+
+
+def torchao_note() -> str:
+    """Why torchao's int8 is not the default backend (measured by `make bench` where it is installed)."""
+    try:
+        version = metadata.version("torchao")
+    except metadata.PackageNotFoundError:
+        return ("torchao: not installed, so not measured in this run. It is not the default: its CPU int8 is "
+                "fast only under torch.compile (a compile per new input shape), while onnxruntime's dynamic "
+                "int8 needs no compiler and ships as a file any onnxruntime loads.")
+    return (f"torchao {version}: int8 dynamic activation + int8 weight is measured by `make bench`; not the "
+            "default because it is fast on CPU only under torch.compile.")

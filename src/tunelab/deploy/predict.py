@@ -1,0 +1,212 @@
+"""`python predict.py model=... input=... output=...`: predictions for every row of a file, streamed.
+
+Rows are read, predicted and written a batch at a time, so memory stays flat however long the input is.
+Every problem with the command (a model of the wrong kind, an input the model cannot read, an output
+inside the model's folder) is found before any row is predicted; a row that cannot be predicted is skipped
+into the errors file or stops the run (`on_error`), and either way the output is written to a temporary
+file renamed only once the run succeeds, so a failed run leaves existing files as they were.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from itertools import islice
+from pathlib import Path
+from typing import IO, Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from tunelab import artifacts, checks
+from tunelab.deploy.inputs import Fields, Row, check_input, rows
+from tunelab.deploy.predictor import BACKENDS, Predictor
+from tunelab.errors import TunelabError
+
+CLASSIFIERS = [artifacts.TEXT_CLASSIFIER, artifacts.IMAGE_CLASSIFIER]
+RULES = (
+    ("backend", checks.choice(*BACKENDS)),
+    ("on_error", checks.choice("skip", "fail")),
+    ("threads", checks.OPTIONAL_COUNT),
+    ("progress", checks.BOOL),
+)
+
+
+def check_rules(cfg: DictConfig, rules: tuple[tuple[str, checks.Rule], ...]) -> None:
+    """The config's own keys checked like training's (`checks.check_values` does the `data.*` ones)."""
+    checks.check_values(cfg)
+    for key, rule in rules:
+        if (problem := rule.error(key, OmegaConf.select(cfg, key))) is not None:
+            raise TunelabError(problem)
+
+
+def fields(cfg: DictConfig) -> Fields:
+    data = cfg.data
+    return Fields(data.text_field, data.image_field, data.label_field, data.encoding_errors,
+                  data.max_record_bytes, data.max_file_bytes)
+
+
+# ----------------------------------------------------------------------------- where things go
+def protected(model: Path) -> Path:
+    """What a prediction must never write into: the model folder, or its whole run folder."""
+    run = model.parent
+    return run if model.name == "model" and (run / "status.json").exists() else model
+
+
+def check_output(output: str, errors: str | None, model: Path, source: Path) -> tuple[Path, Path]:
+    """The output and errors files: JSONL, outside the source artifact and the input, in an existing folder."""
+    out = Path(output).expanduser()
+    if out.suffix.lower() != ".jsonl":
+        raise TunelabError(f"output={out} (expected a .jsonl file for the predictions)")
+    err = Path(errors).expanduser() if errors else out.with_name(f"{out.stem}.errors.jsonl")
+    guarded = protected(model)
+    for key, path in (("output", out), ("errors", err)):
+        resolved = path.resolve()
+        if resolved.is_relative_to(guarded):
+            raise TunelabError(f"{key}={path} is inside the source artifact {guarded} (expected a path outside it; "
+                               "a model folder is never written to)")
+        if resolved == source.resolve() or (source.is_dir() and resolved.is_relative_to(source.resolve())):
+            raise TunelabError(f"{key}={path} would overwrite the input {source} (expected another path)")
+        if path.is_dir():
+            raise TunelabError(f"{key}={path} is a folder (expected a .jsonl file path)")
+    if out.resolve() == err.resolve():
+        raise TunelabError(f"errors={err} is the output file (expected another path)")
+    return out, err
+
+
+class AtomicFile:
+    """A file written under a temporary name and renamed over `path` only by `commit`."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.tmp = path, path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        self.file: IO[str] = open(self.tmp, "w")  # noqa: SIM115 (closed by commit or discard)
+
+    def commit(self) -> None:
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- the run
+class Scores:
+    """Accuracy and macro-F1 over the labelled rows (torchmetrics, as the training tasks compute them)."""
+
+    def __init__(self, labels: list[str]) -> None:
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+        self.index = {name: i for i, name in enumerate(labels)}
+        self.acc = MulticlassAccuracy(len(labels), average="micro")
+        self.f1 = MulticlassF1Score(len(labels), average="macro")
+        self.count = 0
+
+    def update(self, predicted: list[int], targets: list[int]) -> None:
+        import torch
+
+        if targets:
+            p, t = torch.tensor(predicted), torch.tensor(targets)
+            self.acc.update(p, t)
+            self.f1.update(p, t)
+            self.count += len(targets)
+
+    def compute(self) -> dict[str, float]:
+        if not self.count:
+            return {}
+        return {"accuracy": float(self.acc.compute()), "macro_f1": float(self.f1.compute()), "labelled": self.count}
+
+
+def unknown_label(row: Row, labels: dict[str, int]) -> bool:
+    if row.label is not None and row.label not in labels:
+        row.error = f"{row.where}: label {row.label!r} is not one of the model's labels {list(labels)}"
+        return True
+    return False
+
+
+def batches(source: Iterator[Row], size: int, on_error: str, errors: IO[str], scores: Scores,
+            progress: Any, counts: dict[str, int]) -> Iterator[list[Row]]:
+    """Batches of rows that can be predicted; the others go to `errors` (counted), or stop the run."""
+    while chunk := list(islice(source, size)):
+        good = []
+        for row in chunk:
+            if row.error is None and not unknown_label(row, scores.index):
+                good.append(row)
+                continue
+            if on_error == "fail":
+                raise TunelabError(f"{row.error} (on_error=fail; set on_error=skip to skip such rows into an "
+                                   "errors file)")
+            errors.write(json.dumps({"file": row.source, "line": row.line, "error": row.error}) + "\n")
+            counts["skipped"] += 1
+        progress.update(len(chunk))
+        if good:
+            yield good
+
+
+def output_row(row: Row, answer: dict[str, Any]) -> str:
+    where = {"line": row.line} if row.line is not None else {"path": row.source}
+    target = {"target": row.label} if row.label is not None else {}
+    return json.dumps({**where, **answer, **target}) + "\n"
+
+
+def predict_all(predictor: Predictor, source: Iterator[Row], cfg: DictConfig, out: IO[str], errors: IO[str],
+                progress: Any) -> dict[str, Any]:
+    scores = Scores(predictor.labels)
+    counts = {"predicted": 0, "skipped": 0}
+    for batch in batches(source, cfg.data.batch_size, cfg.on_error, errors, scores, progress, counts):
+        answers = predictor.describe(predictor.probabilities([row.item for row in batch]))
+        labelled = [(scores.index[a["label"]], scores.index[r.label])
+                    for r, a in zip(batch, answers, strict=True) if r.label is not None]
+        scores.update([p for p, _ in labelled], [t for _, t in labelled])
+        out.writelines(output_row(row, answer) for row, answer in zip(batch, answers, strict=True))
+        counts["predicted"] += len(batch)
+    return {**counts, **scores.compute()}
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Predict every row of `cfg.input` with `cfg.model`; returns the summary (also written next to the
+    output as `<output>.metrics.json`)."""
+    from tqdm import tqdm
+
+    check_rules(cfg, RULES)
+    model = artifacts.model_dir(cfg.model, "model")
+    artifact = artifacts.load(model, kinds=classifier_kinds(), role="model")
+    source = check_input(str(cfg.input), artifact.modality)
+    out_path, err_path = check_output(str(cfg.output), cfg.errors, model, source)
+    predictor = Predictor(artifact, cfg.backend, cfg.threads)
+    stream = rows(source, predictor.modality, fields(cfg))  # reads the first record: a file without the field fails
+    start = time.perf_counter()
+    with ExitStack() as stack:
+        out = AtomicFile(out_path)
+        stack.callback(out.discard)
+        errors = AtomicFile(err_path)
+        stack.callback(errors.discard)
+        progress = stack.enter_context(tqdm(desc=f"predict {source.name}", unit=" rows", disable=not cfg.progress,
+                                            file=sys.stderr, dynamic_ncols=True))
+        summary = predict_all(predictor, stream, cfg, out.file, errors.file, progress)
+        stack.pop_all()
+        progress.close()
+        out.commit()
+        errors.commit()
+    summary.update(backend=predictor.backend, seconds=round(time.perf_counter() - start, 3),
+                   output=str(out_path), errors=str(err_path),
+                   peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    out_path.with_name(f"{out_path.stem}.metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def classifier_kinds() -> list[str]:
+    """Classifier kinds predict takes: the two trained ones and any registered variant of them (ONNX...)."""
+    return [*CLASSIFIERS, *(k for k in artifacts.LOADERS if k not in CLASSIFIERS and k != artifacts.MASKED_LM)]
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    scores = (f"; accuracy {summary['accuracy']:.4f}, macro-F1 {summary['macro_f1']:.4f} on {summary['labelled']} "
+              "labelled rows" if "accuracy" in summary else "")
+    return (f"predicted {summary['predicted']} rows ({summary['skipped']} skipped, see {summary['errors']}) "
+            f"with {summary['backend']} in {summary['seconds']:.1f} s{scores} -> {summary['output']}")

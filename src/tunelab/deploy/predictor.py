@@ -1,0 +1,116 @@
+"""An Artifact turned into class probabilities for batches of raw inputs (texts or RGB images).
+
+Preprocessing is what the artifact's card declares (the tokenizer and `max_length` it was trained with, or
+timm's eval transform for its data config), so a prediction sees exactly what the training run's test step
+saw. The network runs on a backend: `torch` (the artifact's own network) or `onnxruntime` (an ONNX artifact's
+session); both take the same dict batch of numpy arrays and return logits, so every caller (the prediction
+run, the server, the benchmarks) is backend-agnostic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from tunelab.artifacts import Artifact, kinds
+from tunelab.contracts import ATTENTION_MASK, INPUT_IDS, PIXEL_VALUES
+from tunelab.errors import TunelabError
+
+BACKENDS = ("auto", "torch", "onnxruntime")
+Backend = Callable[[dict[str, np.ndarray]], np.ndarray]  # batch -> logits
+
+
+def is_onnx(artifact: Artifact) -> bool:
+    """Whether the artifact holds an ONNX graph (`tunelab.artifacts.onnx`), which onnxruntime runs."""
+    return artifact.kind == getattr(kinds, "ONNX", "onnx-classifier")
+
+
+def backend(net: Any, onnx: bool, threads: int | None) -> Backend:
+    """The network as a numpy-in, numpy-out function. torch networks and ONNX ones (`OnnxNet`, an onnxruntime
+    session) share the call convention `net(batch).logits`."""
+    import torch
+
+    if onnx:
+        net = net.with_threads(threads) if threads else net
+    elif threads:
+        torch.set_num_threads(threads)
+    net.eval()
+
+    def run(batch: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            return net({k: torch.from_numpy(v) for k, v in batch.items()}).logits.float().numpy()
+
+    return run
+
+
+def pick_backend(artifact: Artifact, name: str, threads: int | None) -> tuple[str, Backend]:
+    if name not in BACKENDS:
+        raise TunelabError(f"backend={name!r} (expected one of {', '.join(BACKENDS)})")
+    onnx = is_onnx(artifact)
+    if name == "auto":
+        name = "onnxruntime" if onnx else "torch"
+    if name == "onnxruntime" and not onnx:
+        raise TunelabError(f"backend=onnxruntime: {artifact.source} holds no ONNX graph (expected an ONNX variant "
+                           "written by compress.py, or backend=torch)")
+    if name == "torch" and onnx:
+        raise TunelabError(f"backend=torch: {artifact.source} is an ONNX graph (expected backend=onnxruntime or "
+                           "auto)")
+    return name, backend(artifact.net, onnx, threads)
+
+
+def image_transform(preprocessing: dict[str, Any]) -> Callable[[Any], Any]:
+    """timm's eval transform for the data config the model was trained with."""
+    import timm
+
+    config = dict(preprocessing.get("image") or {})
+    if "input_size" in config:
+        config["input_size"] = tuple(config["input_size"])
+    return timm.data.create_transform(**config, is_training=False)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class Predictor:
+    """Texts or images in, a (n, classes) array of probabilities out, on the chosen backend."""
+
+    def __init__(self, artifact: Artifact, backend: str = "auto", threads: int | None = None) -> None:
+        if not artifact.labels:
+            raise TunelabError(f"model: {artifact.source} names no labels (expected a classifier folder written by "
+                               "tunelab, or a Hugging Face config with id2label)")
+        self.labels, self.modality, self.source = list(artifact.labels), artifact.modality, artifact.source
+        self.card = artifact.card
+        self.backend, self.run = pick_backend(artifact, backend, threads)
+        if self.modality == "image":
+            self.transform = image_transform(artifact.preprocessing)
+        else:
+            if artifact.tokenizer is None:
+                raise TunelabError(f"model: {artifact.source} has no tokenizer (expected the tokenizer files saved "
+                                   "with the model)")
+            self.tokenizer = artifact.tokenizer
+            self.max_length = (artifact.preprocessing.get("text") or {}).get("max_length")
+
+    def encode(self, items: Sequence[Any]) -> dict[str, np.ndarray]:
+        """The batch the network takes: token ids and mask (padded to the longest text), or pixel values."""
+        if self.modality == "image":
+            return {PIXEL_VALUES: np.stack([self.transform(image).numpy() for image in items])}
+        enc = self.tokenizer(list(items), truncation=True, max_length=self.max_length, padding=True,
+                             return_token_type_ids=False, return_tensors="np")
+        return {INPUT_IDS: enc[INPUT_IDS].astype(np.int64), ATTENTION_MASK: enc[ATTENTION_MASK].astype(np.int64)}
+
+    def probabilities(self, items: Sequence[Any]) -> np.ndarray:
+        return softmax(self.run(self.encode(items)))
+
+    def describe(self, probabilities: np.ndarray) -> list[dict[str, Any]]:
+        """One `{label, probability, probabilities}` per row: the answer, its probability, the distribution."""
+        out = []
+        for p in probabilities:
+            best = int(p.argmax())
+            out.append({"label": self.labels[best], "probability": float(p[best]),
+                        "probabilities": {name: float(v) for name, v in zip(self.labels, p, strict=True)}})
+        return out

@@ -213,8 +213,16 @@ RULES: tuple[tuple[str, Rule | Lazy], ...] = (
     ("model.trust_remote_code", BOOL),
     # task
     ("task.label_smoothing", PROBABILITY),
-    ("task.backbone_lr_mult", NON_NEGATIVE),
-    ("task.freeze_backbone", BOOL),
+    # tuning (conf/tuning)
+    ("tuning.method", choice("full", "head", "top_k", "bitfit", "lora")),
+    ("tuning.k", OPTIONAL_COUNT),
+    ("tuning.layer_decay", number(0, 1, above=True, null=True)),
+    ("tuning.backbone_lr_mult", NON_NEGATIVE),
+    ("tuning.rank", COUNT),
+    ("tuning.alpha", POSITIVE),
+    ("tuning.dropout", PROBABILITY),
+    ("tuning.lr.scratch", POSITIVE),
+    ("tuning.lr.pretrained", POSITIVE),
     ("task.adapt", BOOL),
     ("task.domain_weight", NON_NEGATIVE),
     ("task.gamma", NON_NEGATIVE),
@@ -342,7 +350,17 @@ def _positions(cfg: DictConfig) -> str | None:
     return None
 
 
-CROSS: tuple[Callable[[DictConfig], str | None], ...] = (_epochs, _heads, _positions)
+def _prompt(cfg: DictConfig) -> str | None:
+    """task=prompt: templates with both slots and a backbone with a masked-LM head (tunelab.tasks.prompt)."""
+    task = cfg.get("task")
+    if not isinstance(task, DictConfig) or not str(task.get("_target_", "")).endswith("prompt.PromptTask"):
+        return None
+    from tunelab.tasks.prompt import check_config
+
+    return check_config(cfg)
+
+
+CROSS: tuple[Callable[[DictConfig], str | None], ...] = (_epochs, _heads, _positions, _prompt)
 
 
 def check_values(cfg: DictConfig) -> None:

@@ -66,9 +66,15 @@ def build(node: Any, **kwargs: Any) -> Any:
         raise
 
 
+def tuning_lr(scratch: float, pretrained: float, *sources: Any) -> float:
+    """optimizer.lr's default: the tuning method's rate for a model that starts from weights (any of `sources`
+    set: model.pretrained, model.pretrained_file) or from scratch; a rate for one would ruin the other."""
+    return float(pretrained if any(s not in (None, "") for s in sources) else scratch)
+
+
 def register_resolvers() -> None:
     resolvers = (("run_dir", runs.run_dir), ("output_subdir", runs.output_subdir), ("embedded", embedded),
-                 ("cwd", os.getcwd))
+                 ("cwd", os.getcwd), ("tuning_lr", tuning_lr))
     for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn, use_cache=True)

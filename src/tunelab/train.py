@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tunelab import artifacts, runs, runtime
+from tunelab.artifacts import adapters
 from tunelab.checkpoints import AtomicCheckpointIO, ResumeState, saved_config, scalars
 from tunelab.checks import check_values
 from tunelab.config import build, check_required, validate
@@ -55,6 +56,7 @@ def _run(cfg: DictConfig, out: Path, resumed: bool, primary: bool) -> float | No
     if ckpt_path:
         check_checkpoint(ckpt_path, task, cfg, resumed)
     log_hparams(built.loggers, cfg)
+    trainable = log_trainable(built.loggers, task)
 
     if cfg.get("train", True):
         trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -65,7 +67,7 @@ def _run(cfg: DictConfig, out: Path, resumed: bool, primary: bool) -> float | No
                 "of the train split)"
             )
     # a run resumed after its last training step logs nothing new in fit: its earlier metrics come back
-    metrics = {**resume_state.metrics, **scalars(trainer.callback_metrics)}
+    metrics = {**resume_state.metrics, **scalars(trainer.callback_metrics), **trainable}
     if cfg.get("test", True):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         # train=false ckpt_path=<file>: evaluate that checkpoint
@@ -270,6 +272,18 @@ def register_hparams_metrics(logger: TensorBoardLogger, params: dict, metrics: l
         writer.add_summary(summary)
 
 
+def log_trainable(loggers: list, task: L.LightningModule) -> dict[str, float]:
+    """How many parameters the tuning method trains (count and percent): console, loggers and metrics.json."""
+    from tunelab.models.tuning import trainable_summary
+
+    summary = trainable_summary(task)
+    log.info("trainable parameters: %d of %d (%.3f%%)", summary["params/trainable"], summary["params/total"],
+             summary["params/trainable_pct"])
+    for logger in loggers:
+        logger.log_metrics(summary, step=0)
+    return summary
+
+
 def metric_value(metrics: dict, name: str | None) -> float | None:
     if not name:
         return None
@@ -308,10 +322,13 @@ def write_artifacts(out: Path, cfg: DictConfig, task: Any, datamodule: Any, metr
     shutil.rmtree(tmp, ignore_errors=True)
     pair = getattr(datamodule, "source", None)  # a domain pair: preprocessing is the source's (and the target's)
     data = pair if pair is not None else datamodule
+    card = run_card(out, cfg, task, metrics)
     artifacts.save(tmp, task.export_model(), labels=getattr(task, "labels", None),
                    tokenizer=getattr(task, "tokenizer", None) or getattr(data, "tokenizer", None),
                    data_config=getattr(data, "data_config", None), max_length=getattr(data, "max_length", None),
-                   card=run_card(out, cfg, task, metrics))
+                   packed=bool(getattr(data, "pack", False)),
+                   card=card)
+    adapters.save_for(task, tmp / "adapter", card)  # LoRA: the adapter alone too, in peft's format
     artifacts.write_atomic_dir(tmp, out / "model")
 
 

@@ -1,8 +1,10 @@
-"""What every task shares: optimizer and schedule from config, backbone learning-rate multiplier.
+"""What every task shares: optimizer and schedule from config, how much of the backbone trains (`tuning`).
 
 A task gets `optimizer` (a partial taking `params`) and `scheduler` (a partial taking `optimizer`
 and `num_training_steps`) from Hydra; the number of steps is only known once the Trainer exists,
-so schedules are built in `configure_optimizers` from `trainer.estimated_stepping_batches`.
+so schedules are built in `configure_optimizers` from `trainer.estimated_stepping_batches`. `tuning` (the
+`tuning=` group, `tunelab.models.tuning`) says which backbone parameters train and at which rates; a task
+applies it to its backbone with `tune` and gets its parameter groups from it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from lightning import LightningModule
 from torch import nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+
+from tunelab.models.tuning import Tuning
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight", "bn.weight", "ln")
 
@@ -47,14 +51,43 @@ class Task(LightningModule):
         self,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
-        backbone_lr_mult: float = 1.0,
-        freeze_backbone: bool = False,
+        tuning: Tuning | None = None,
     ) -> None:
         super().__init__()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.backbone_lr_mult = backbone_lr_mult
-        self.freeze_backbone = freeze_backbone
+        self.tuning = tuning or Tuning()
+        self.tuned_attr: str | None = None  # the attribute holding the backbone `tune` applied the method to
+
+    def tune(self, attr: str = "model") -> None:
+        """Apply the tuning method to the backbone in `self.<attr>` (which parameters train; LoRA adds adapters)."""
+        self.tuning.apply(getattr(self, attr))
+        self.tuned_attr = attr
+
+    @property
+    def tuned(self) -> nn.Module | None:
+        return getattr(self, self.tuned_attr) if self.tuned_attr else None
+
+    def plain(self, model: nn.Module) -> nn.Module:
+        """`model` as its ecosystem's plain network, for `model/`: with LoRA, a copy with the adapters merged in."""
+        if self.tuning.method != "lora":
+            return model
+        from tunelab.models.lora import merged
+
+        return merged(model)
+
+    def export_adapter(self, base: str | None) -> Any:
+        """The LoRA adapters (and the head) as a `peft.PeftModel` over `base`, for peft's own format; None
+        without LoRA."""
+        if self.tuning.method != "lora" or self.tuned is None:
+            return None
+        from tunelab.models.lora import peft_model
+
+        return peft_model(self.tuned, base)
+
+    def on_train_epoch_start(self) -> None:
+        if self.tuned is not None:  # head-only: the frozen backbone keeps its statistics, runs without dropout
+            self.tuning.train_modes(self.tuned)
 
     @classmethod
     def data_needs(cls, options: Any) -> set[str]:
@@ -80,8 +113,11 @@ class Task(LightningModule):
                 m._update_count, m._computed = saved[name]["updates"], None
 
     def lr_groups(self) -> list[tuple[str, nn.Module, float, Callable[[str], bool]]]:
-        """(group name, module, lr multiplier, keep(param name)); override to give parts their own rate."""
-        return [("all", self, 1.0, lambda _: True)]
+        """(group name, module, lr multiplier, keep(param name)): the tuned backbone's groups (`Tuning.lr_groups`);
+        override to add the task's own modules."""
+        if self.tuned is None:
+            return [("all", self, 1.0, lambda _: True)]
+        return self.tuning.lr_groups(self.tuned)
 
     def configure_optimizers(self) -> Any:
         base_lr = self.optimizer_factory.keywords["lr"]  # a Hydra partial: optimizer.lr is required

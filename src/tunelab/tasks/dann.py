@@ -28,8 +28,8 @@ from tunelab.data.domain import DOMAINS
 from tunelab.errors import TunelabError
 from tunelab.models.grl import GradientReversal, dann_lambda
 from tunelab.models.heads import Bottleneck, DomainDiscriminator
+from tunelab.models.tuning import Tuning
 from tunelab.tasks.base import Task, classification_metrics
-from tunelab.tasks.finetune import head_and_backbone
 
 STAGES = ("train", "val", "test")
 
@@ -77,11 +77,11 @@ class DANNTask(Task):
         discriminator_hidden: list[int] | tuple[int, ...] = (1024, 1024),
         discriminator_batch_norm: bool = False,
         discriminator_dropout: float = 0.5,
-        backbone_lr_mult: float = 1.0,
+        tuning: Tuning | None = None,
         label_smoothing: float = 0.0,
         embed_samples: int = 500,
     ) -> None:
-        super().__init__(optimizer, scheduler, backbone_lr_mult)
+        super().__init__(optimizer, scheduler, tuning)
         if not hasattr(datamodule, "target"):
             raise TunelabError(
                 f"task=dann needs a domain pair as data, got {type(datamodule).__name__} (expected e.g. "
@@ -90,6 +90,7 @@ class DANNTask(Task):
         self.labels = list(datamodule.labels)
         self.tokenizer = getattr(datamodule, "tokenizer", None)
         self.model = model(head="classifier", labels=self.labels, tokenizer=self.tokenizer)
+        self.tune()
         self.adapt, self.domain_weight = adapt, domain_weight
         self.gamma, self.lambda_max = gamma, lambda_max
         self.label_smoothing, self.embed_samples = label_smoothing, embed_samples
@@ -107,7 +108,6 @@ class DANNTask(Task):
             self.heads["discriminator"] = DomainDiscriminator(width, discriminator_hidden, discriminator_batch_norm,
                                                               discriminator_dropout)
         self.grl = GradientReversal(0.0)
-        _, self._is_backbone = head_and_backbone(self.model)
 
         k = len(self.labels)
         self.metrics = nn.ModuleDict({
@@ -127,9 +127,7 @@ class DANNTask(Task):
 
     # ----------------------------------------------------------------- the network
     def lr_groups(self) -> list:
-        return [("backbone", self.model, self.backbone_lr_mult, self._is_backbone),
-                ("head", self.model, 1.0, lambda n: not self._is_backbone(n)),
-                ("adaptation", self.heads, 1.0, lambda _: True)]
+        return [*super().lr_groups(), ("adaptation", self.heads, 1.0, lambda _: True)]
 
     def features_and_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The features the discriminator sees (after the bottleneck, if any) and the class logits."""
@@ -252,7 +250,7 @@ class DANNTask(Task):
         if "bottleneck" in self.heads:
             self.heads.eval()
             self.heads["bottleneck"].fold_into(self.heads["classifier"], self.model.classifier)
-        return self.model
+        return self.plain(self.model)
 
 
 def _thumbnails(images: torch.Tensor, size: int = 32) -> torch.Tensor:

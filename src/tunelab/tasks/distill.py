@@ -26,6 +26,7 @@ from tunelab.errors import TunelabError
 from tunelab.latency import cpu_latency
 from tunelab.models.surgery import attention_pairs, init_from, outputs_by_layer, projection, resolve_layer_map
 from tunelab.models.teacher import Teacher
+from tunelab.models.tuning import Tuning
 from tunelab.tasks.distill_checks import check_attention, check_data_fits, check_settings, check_student_vocab
 from tunelab.tasks.distill_losses import (
     attention_loss,
@@ -61,8 +62,7 @@ class DistillTask(FinetuneTask):
         init_layers: list[int] | None = None,
         cache_teacher: bool = False,
         cache_dir: str = ".cache",
-        backbone_lr_mult: float = 1.0,
-        freeze_backbone: bool = False,
+        tuning: Tuning | None = None,
         label_smoothing: float = 0.0,
         latency_repeats: int = 20,
     ) -> None:
@@ -72,13 +72,14 @@ class DistillTask(FinetuneTask):
         loaded = teacher()  # first: a missing teacher is the likeliest mistake, and says how to make one
         check_data_fits(loaded, datamodule)
         check_student_vocab(model, datamodule)
-        super().__init__(model, datamodule, optimizer, scheduler, backbone_lr_mult, freeze_backbone, label_smoothing)
+        super().__init__(model, datamodule, optimizer, scheduler, tuning, label_smoothing, tune_now=False)
         self.teacher = loaded  # a plain object: not a submodule, so never trained, saved, exported or put in train()
         self.alpha, self.temperature = alpha, temperature
         self.hidden_weight, self.hidden_kind, self.attention_weight = hidden_weight, hidden_loss, attention_weight
         self.latency_repeats = latency_repeats
         if init_from_teacher:
             init_from(self.model, loaded, init_layers)
+        self.tune()  # after copying teacher layers: LoRA renames the layers it adapts
         wants_map = hidden_weight > 0 or attention_weight > 0
         self.layer_map = resolve_layer_map(layer_map, self.model, loaded) if wants_map else {}
         self.attention_pairs = attention_pairs(self.layer_map) if attention_weight > 0 else []
@@ -262,6 +263,7 @@ class MaskedLMDistillTask(MLMTask):
         temperature: float = 2.0,
         sparse_head: bool = True,
         num_examples: int = 3,
+        tuning: Tuning | None = None,
     ) -> None:
         check_settings(alpha, temperature, 0.0, "mse", 0.0, False)
         loaded = teacher()
@@ -270,7 +272,7 @@ class MaskedLMDistillTask(MLMTask):
                                "masked_lm and a model like the model/ of a `python train.py task=mlm` run)")
         check_data_fits(loaded, datamodule, labels=False)
         check_student_vocab(model, datamodule)
-        super().__init__(model, datamodule, optimizer, scheduler, sparse_head, num_examples)
+        super().__init__(model, datamodule, optimizer, scheduler, sparse_head, num_examples, tuning)
         loaded.net.sparse_mlm = True  # the teacher's rows follow the same masked positions as the student's
         self.teacher, self.alpha, self.temperature = loaded, alpha, temperature
 

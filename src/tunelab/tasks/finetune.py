@@ -1,7 +1,7 @@
 """Fine-tuning: a pretrained (or from-scratch) backbone and a classification head, trained on labels.
 
-Full fine-tuning, head-only (`freeze_backbone`) and a separate backbone learning rate
-(`backbone_lr_mult`) are switches of the same task.
+How much of the backbone trains (full, head only, top k blocks, BitFit, LoRA, layer-wise rates) is the
+`tuning` the task is given (`tunelab.models.tuning`); with LoRA the export is the merged network.
 """
 
 from __future__ import annotations
@@ -18,14 +18,8 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from tunelab.contracts import LABELS
 from tunelab.errors import TunelabError
+from tunelab.models.tuning import Tuning
 from tunelab.tasks.base import Task, classification_metrics, log_confusion_matrix
-
-
-def head_and_backbone(model: nn.Module) -> tuple[set[int], Callable[[str], bool]]:
-    """Ids of the head's parameters, and a predicate that is true for backbone parameter names."""
-    head_ids = {id(p) for p in model.classifier.parameters()}
-    names = {n for n, p in model.named_parameters() if id(p) not in head_ids}
-    return head_ids, lambda name: name in names
 
 
 class FinetuneTask(Task):
@@ -39,16 +33,17 @@ class FinetuneTask(Task):
         datamodule: LightningDataModule,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
-        backbone_lr_mult: float = 1.0,
-        freeze_backbone: bool = False,
+        tuning: Tuning | None = None,
         label_smoothing: float = 0.0,
+        tune_now: bool = True,
     ) -> None:
+        """`tune_now=False`: a subclass changes the model first and calls `self.tune()` itself."""
         if getattr(datamodule, "unlabelled_file", None) and not self.learns_from_unlabelled:
             raise TunelabError(
                 f"data.unlabelled_file={datamodule.unlabelled_file}: unlabelled records are a transfer set for "
                 "task=distill, whose teacher labels them (expected data.unlabelled_file=null for this task)"
             )
-        super().__init__(optimizer, scheduler, backbone_lr_mult, freeze_backbone)
+        super().__init__(optimizer, scheduler, tuning)
         self.labels = list(datamodule.labels)
         self.tokenizer = getattr(datamodule, "tokenizer", None)
         self.data_config = getattr(datamodule, "data_config", None)  # image preprocessing, for the export
@@ -60,19 +55,8 @@ class FinetuneTask(Task):
         self.test_metrics = classification_metrics(k).clone(prefix="test/")
         self.val_acc_best = MaxMetric()
         self.val_confusion = MulticlassConfusionMatrix(k)
-        _, self._is_backbone = head_and_backbone(self.model)
-        if freeze_backbone:
-            for name, p in self.model.named_parameters():
-                p.requires_grad_(not self._is_backbone(name))
-
-    def lr_groups(self) -> list:
-        return [("backbone", self.model, self.backbone_lr_mult, self._is_backbone),
-                ("head", self.model, 1.0, lambda n: not self._is_backbone(n))]
-
-    def on_train_epoch_start(self) -> None:
-        if self.freeze_backbone:  # a frozen backbone keeps its batch-norm statistics and no dropout
-            self.model.eval()
-            self.model.classifier.train()
+        if tune_now:
+            self.tune()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(batch).logits
@@ -117,5 +101,5 @@ class FinetuneTask(Task):
         self.log_dict(self.test_metrics, on_step=False, on_epoch=True, batch_size=n)
 
     def export_model(self) -> nn.Module:
-        """The network `model/` holds (written by `tunelab.artifacts.save`)."""
-        return self.model
+        """The network `model/` holds (written by `tunelab.artifacts.save`): with LoRA, adapters merged in."""
+        return self.plain(self.model)

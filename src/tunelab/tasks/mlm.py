@@ -22,6 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from tunelab.contracts import IGNORE_INDEX, INPUT_IDS, MLM_LABELS, MLM_POSITIONS, at_predicted, masked_targets
 from tunelab.errors import TunelabError
 from tunelab.models.linear_cross_entropy import linear_cross_entropy
+from tunelab.models.tuning import Tuning
 from tunelab.tasks.base import Task
 
 TOP_K = 3
@@ -39,8 +40,9 @@ class MLMTask(Task):
         scheduler: Callable[..., Any] | None = None,
         sparse_head: bool = True,
         num_examples: int = 3,
+        tuning: Tuning | None = None,
     ) -> None:
-        super().__init__(optimizer, scheduler)
+        super().__init__(optimizer, scheduler, tuning)
         self.tokenizer = getattr(datamodule, "tokenizer", None)
         if self.tokenizer is None or getattr(datamodule, "masking", None) is None:
             raise TunelabError(
@@ -51,6 +53,7 @@ class MLMTask(Task):
         self.sparse_head = self.model.sparse_mlm = sparse_head
         if sparse_head:
             _ = self.model.mlm_head  # fail now, not at the first step, if the head cannot be found
+        self.tune()
         self.num_examples = num_examples
         vocab = int(self.model.net.get_output_embeddings().weight.shape[0])
         # keyed "<split>_acc": a ModuleDict key may not shadow nn.Module.train
@@ -153,7 +156,7 @@ class MLMTask(Task):
 
     def export_model(self) -> nn.Module:
         """The masked-LM network `model/` holds: with its tokenizer it loads in `pipeline("fill-mask")`."""
-        return self.model
+        return self.plain(self.model)
 
 
 def examples_markdown(tokenizer: Any, input_ids: torch.Tensor, labels: torch.Tensor, top_ids: torch.Tensor,

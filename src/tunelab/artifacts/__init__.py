@@ -215,7 +215,9 @@ def save(directory: str | Path, net: Any, *, labels: list[str] | None = None, to
         _save_timm(directory, net, data_config or {})
         preprocessing = {"image": image_preprocessing(data_config or {})}
     else:
-        kind = MASKED_LM if net.head == "masked_lm" else TEXT_CLASSIFIER
+        # a network may name its own kind and card fields (a prompt-based classifier: its templates, verbalizer)
+        kind = getattr(net, "artifact_kind", None) or (MASKED_LM if net.head == "masked_lm" else TEXT_CLASSIFIER)
+        card = {**(card or {}), **(net.card_fields() if hasattr(net, "card_fields") else {})}
         net.net.save_pretrained(directory, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)

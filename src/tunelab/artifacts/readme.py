@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tunelab.artifacts.kinds import CARD, IMAGE_CLASSIFIER, MASKED_LM, TEXT_CLASSIFIER
+from tunelab.artifacts.kinds import CARD, IMAGE_CLASSIFIER, MASKED_LM, PROMPT_CLASSIFIER, TEXT_CLASSIFIER
 
 LOAD_SNIPPET = {
     TEXT_CLASSIFIER: ('from transformers import AutoModelForSequenceClassification, AutoTokenizer\n'
@@ -20,6 +20,10 @@ LOAD_SNIPPET = {
                        'net = timm.create_model("local-dir:{path}", pretrained=True).eval()\n'
                        'config = timm.data.resolve_data_config(model=net)   # {size}\n'
                        'transform = timm.data.create_transform(**config)'),
+    # a masked LM: put the text into the card's prompt.templates, score prompt.verbalizer's words at the mask
+    PROMPT_CLASSIFIER: ('from transformers import pipeline\n'
+                        'fill = pipeline("fill-mask", model="{path}")   # templates, verbalizer: tunelab.json "prompt"\n'
+                        'fill("a text overall, it is [MASK].", targets=["terrible", "great"])'),
 }
 
 

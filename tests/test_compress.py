@@ -42,7 +42,7 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tunelab.models.vision import ImageModel
 
     torch.manual_seed(0)
-    net = ImageModel("classifier", [str(i) for i in range(10)], name="resnet10t")
+    net = ImageModel("classifier", [str(i) for i in range(10)], name="test_resnet")
     config = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear",
               "crop_pct": 1.0}
     return artifacts.save(tmp_path_factory.mktemp("image") / "model", net.eval(), labels=net.labels,
@@ -147,3 +147,111 @@ def test_a_layer_and_uniform_ffn_pruned_folder_loads_in_plain_transformers(text_
     with torch.inference_mode():
         logits = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert (logits - predictions(model, [batch])[0]).abs().max() <= 1e-5
+
+
+# ----------------------------------------------------------------------------- unstructured pruning
+def test_unstructured_pruning_reaches_the_requested_sparsity(text_folder: Path, image_folder: Path) -> None:
+    from tunelab.compress import unstructured
+
+    for folder in (text_folder, image_folder):
+        source = artifacts.load(folder)
+        assert unstructured.sparsity(source.net) < 0.01
+        for amount in (0.3, 0.7):
+            pruned = unstructured.prune_global(source.net, amount)
+            assert abs(unstructured.sparsity(pruned) - amount) < 1e-3
+            assert not any("weight_orig" in k for k in pruned.state_dict())  # permanent: no masks left
+        assert unstructured.sparsity(source.net) < 0.01  # the source is untouched
+
+
+# ----------------------------------------------------------------------------- the run
+def write_records(folder: Path, n: int) -> dict[str, Path]:
+    import json
+
+    words = {"positive": ["good", "fine"], "negative": ["bad", "awful"]}
+    files = {}
+    for split, seed in (("train", 0), ("val", 1), ("test", 2)):
+        g = torch.Generator().manual_seed(seed)
+        lines = []
+        for i in range(n):
+            label = LABELS[i % 2]
+            word = words[label][int(torch.randint(0, 2, (1,), generator=g))]
+            lines.append(json.dumps({"text": f"the {['book', 'kettle', 'phone'][i % 3]} is {word}", "label": label}))
+        files[split] = folder / f"{split}.jsonl"
+        files[split].write_text("\n".join(lines) + "\n")
+    return files
+
+
+@pytest.fixture
+def compress_cfg(tmp_path: Path, text_folder: Path):
+    from tunelab.compress.config import compose
+
+    files = write_records(tmp_path, 24)
+    data = ["data=text_files", *(f"data.{s}_file={f}" for s, f in files.items()), f"data.labels=[{','.join(LABELS)}]",
+            "data.batch_size=8", "data.max_length=32"]
+    quick = ["latency.repeats=2", "latency.warmup=1", "latency.batch_sizes=[1,4]", "importance.limit_batches=2"]
+
+    def make(*overrides: str, source: Path = text_folder):
+        return compose([f"source={source}", *data, *quick, *overrides], tmp_path / "logs" / "compress" / "run",
+                       tmp_path / "logs")
+
+    return make
+
+
+def test_a_run_writes_variants_and_a_report_and_leaves_the_source_unchanged(compress_cfg, text_folder: Path) -> None:
+    import json
+
+    from conftest import snapshot
+
+    from tunelab.compress.run import run
+
+    before = snapshot(text_folder)
+    cfg = compress_cfg("prune=heads_ffn", "recover=finetune", "recover.epochs=1", "recover.limit_batches=2",
+                       "export=none")
+    result = run(cfg)
+    out = Path(cfg.paths.output_dir)
+    assert snapshot(text_folder) == before
+    names = [row["variant"] for row in result["rows"]]
+    assert names == ["fp32", "pruned", "pruned+recovered", "int8 (torch)", "pruned+int8 (torch)"]
+    rows = {row["variant"]: row for row in json.loads((out / "metrics.json").read_text())["rows"]}
+    assert rows["pruned"]["params"] < rows["fp32"]["params"] and rows["fp32"]["agreement"] == 1.0
+    assert all(row["b1_p50_ms"] > 0 and 0 <= row["acc"] <= 1 for row in rows.values())
+    assert "| pruned+recovered |" in (out / "report.md").read_text()
+    assert list((out / "tensorboard").glob("events.*"))
+    assert (out.parent / "latest").resolve() == out.resolve()
+    for folder in ("pruned", "pruned_recovered", "int8", "pruned_int8"):
+        assert artifacts.load(out / folder).labels == LABELS
+
+
+@pytest.mark.parametrize(("overrides", "fragment"), [
+    (["prune=heads_ffn", "prune.amount=1.0"], "prune.amount=1.0: expected a fraction in [0, 1)"),
+    (["prune=unstructured", "prune.amount=-0.1"], "prune.amount=-0.1: expected a fraction in [0, 1)"),
+    (["prune=heads_ffn", "+prune.remove_heads={1: [0, 1, 2, 3]}"], "layer 1 has 4 heads"),
+    (["prune=heads_ffn", "prune.layers=3"], "the model has 3 layers"),
+    (["prune=channels"], "prune=channels prunes CNN channels"),
+    (["recover=finetune"], "nothing to recover without pruning"),
+])
+def test_bad_values_fail_before_any_work(compress_cfg, overrides: list[str], fragment: str) -> None:
+    from tunelab.compress.run import run
+    from tunelab.errors import TunelabError
+
+    cfg = compress_cfg(*overrides)
+    with pytest.raises(TunelabError) as info:
+        run(cfg)
+    assert fragment in str(info.value)
+    assert not (Path(cfg.paths.output_dir) / "status.json").exists()
+
+
+def test_bad_sources_fail_before_any_work(compress_cfg, tmp_path: Path, tiny_hf_dir: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from tunelab.compress.run import run
+    from tunelab.errors import TunelabError
+
+    plain = tmp_path / "plain"  # a plain HF classifier: its labels are LABEL_0, LABEL_1
+    AutoModelForSequenceClassification.from_pretrained(tiny_hf_dir, num_labels=2).save_pretrained(plain)
+    (tmp_path / "empty").mkdir()
+    cases = [(tmp_path / "empty", [], "holds no model"), (tiny_hf_dir, [], "not a sequence classifier"),
+             (plain, ["prune=heads_ffn", "recover=distill"], "names no labels")]
+    for source, overrides, fragment in cases:
+        with pytest.raises(TunelabError, match=fragment):
+            run(compress_cfg(*overrides, source=source))

@@ -28,6 +28,7 @@ from tunelab.artifacts.kinds import IMAGE_CLASSIFIER, PRUNED, TEXT_CLASSIFIER
 from tunelab.compress import data, onnx_export, quantize, report, structured, unstructured, vision
 from tunelab.compress.checks import check_source, check_values
 from tunelab.compress.recover import recover
+from tunelab.config import check_required
 from tunelab.contracts import INPUT_IDS, PIXEL_VALUES
 
 log = logging.getLogger("tunelab")
@@ -45,6 +46,7 @@ class Variant:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Check everything, then compress `cfg.source` into the run folder; returns metrics.json's content."""
+    check_required(cfg)
     check_values(cfg)
     source = artifacts.load(cfg.source, kinds=COMPRESSIBLE, role="source")
     check_source(cfg, source)

@@ -59,6 +59,49 @@ print(correct / len(data))
 """
 
 
+# The masked-LM test split, packed and masked as the card's resolved data config declares (a seeded split of
+# the text file; documents + [SEP] cut into full blocks; masks seeded by each batch's content)
+MLM_SCRIPT = """
+import json, sys, zlib, datasets, torch
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+folder = sys.argv[1]
+card = json.load(open(f"{folder}/tunelab.json"))
+text, data = card["preprocessing"]["text"], card["run"]["config"]["data"]
+masking = data["collator"]
+assert text["packed"]
+tokenizer = AutoTokenizer.from_pretrained(folder)
+model = AutoModelForMaskedLM.from_pretrained(folder).eval()
+lines = [line.rstrip("\\n") for line in open(data["train_file"], encoding="utf-8") if line.strip()]
+test = datasets.Dataset.from_dict({"text": lines}).train_test_split(test_size=data["test_fraction"],
+                                                                    seed=data["seed"])["test"]
+stream = []
+for ids in tokenizer(list(test["text"]), add_special_tokens=False)["input_ids"]:
+    stream += ids + [tokenizer.sep_token_id]
+content = text["max_length"] - 2
+blocks = [[tokenizer.cls_token_id, *stream[i:i + content], tokenizer.sep_token_id]
+          for i in range(0, len(stream) - content + 1, content)]
+special = torch.zeros(len(tokenizer), dtype=torch.bool)
+special[tokenizer.all_special_ids] = True
+pool = (~special).nonzero().squeeze(1)
+correct = total = 0
+for i in range(0, len(blocks), data["batch_size"]):
+    ids = torch.tensor(blocks[i:i + data["batch_size"]], dtype=torch.long)
+    g = torch.Generator().manual_seed(data["seed"] * 1_000_003 + zlib.crc32(ids.numpy().tobytes()))
+    chosen = ~special[ids] & (torch.rand(ids.shape, generator=g) < masking["mask_prob"])
+    draws = torch.rand(ids.shape, generator=g)
+    to_mask = chosen & (draws < masking["replace_prob"])
+    to_random = chosen & (draws >= masking["replace_prob"]) & (draws < masking["replace_prob"] + masking["random_prob"])
+    corrupted = ids.masked_fill(to_mask, tokenizer.mask_token_id)
+    corrupted[to_random] = pool[torch.randint(len(pool), (int(to_random.sum()),), generator=g)]
+    with torch.no_grad():
+        predicted = model(input_ids=corrupted, attention_mask=torch.ones_like(ids)).logits.argmax(-1)
+    correct += int((predicted[chosen] == ids[chosen]).sum())
+    total += int(chosen.sum())
+assert not any(name.startswith("tunelab") for name in sys.modules)
+print(correct / total)
+"""
+
+
 def plain_accuracy(script: str, *args: str) -> float:
     proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -107,6 +150,17 @@ def test_dann_image_folder_declares_the_size_it_was_trained_on(make_cfg) -> None
     assert card["preprocessing"]["image"]["input_size"] == [3, 32, 32]
     accuracy = plain_accuracy(IMAGE_SCRIPT, str(model), str(Path(cfg.data.target.root) / "test"))
     assert abs(accuracy - metrics["test/target/acc"]) <= 0.005
+
+
+@pytest.mark.slow
+def test_masked_lm_folder_reproduces_masked_token_accuracy(make_cfg) -> None:
+    cfg = make_cfg("task=mlm", *FULL_TEST)
+    model, metrics, card = finished(cfg)
+    check_card(card, "mlm", artifacts.MASKED_LM, metrics)
+    assert card["preprocessing"]["text"] == {"tokenizer": ".", "max_length": cfg.data.max_length,
+                                             "truncation": False, "packed": True}
+    accuracy = plain_accuracy(MLM_SCRIPT, str(model))
+    assert abs(accuracy - metrics["test/acc"]) <= 0.005
 
 
 @pytest.mark.slow

@@ -326,6 +326,7 @@ def write_artifacts(out: Path, cfg: DictConfig, task: Any, datamodule: Any, metr
     artifacts.save(tmp, task.export_model(), labels=getattr(task, "labels", None),
                    tokenizer=getattr(task, "tokenizer", None) or getattr(data, "tokenizer", None),
                    data_config=getattr(data, "data_config", None), max_length=getattr(data, "max_length", None),
+                   packed=bool(getattr(data, "pack", False)),
                    card=card)
     adapters.save_for(task, tmp / "adapter", card)  # LoRA: the adapter alone too, in peft's format
     artifacts.write_atomic_dir(tmp, out / "model")

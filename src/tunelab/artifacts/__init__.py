@@ -206,8 +206,9 @@ def _load_hf(source: str, kind: str, card: dict, role: str, trust_remote_code: b
 
 # ----------------------------------------------------------------------------- saving
 def save(directory: str | Path, net: Any, *, labels: list[str] | None = None, tokenizer: Any | None = None,
-         data_config: dict | None = None, max_length: int | None = None, card: dict[str, Any] | None = None) -> Path:
-    """Write `net` (a TextModel or ImageModel) in its ecosystem's format, then its card."""
+         data_config: dict | None = None, max_length: int | None = None, packed: bool = False, card: dict[str, Any] | None = None) -> Path:
+    """Write `net` (a TextModel or ImageModel) in its ecosystem's format, then its card. `packed`: the text was
+    cut into full blocks of `max_length` (masked-LM pretraining), not truncated per record."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if net.modality == "image":
@@ -222,7 +223,7 @@ def save(directory: str | Path, net: Any, *, labels: list[str] | None = None, to
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
         preprocessing = {"text": {"tokenizer": "." if tokenizer is not None else None, "max_length": max_length,
-                                  "truncation": True}}
+                                  "truncation": not packed, "packed": packed}}
     full = {"format": "tunelab-artifact", "version": 1, "kind": kind, "labels": labels,
             "preprocessing": preprocessing, **(card or {}), "versions": versions(),
             "sha256": weights_digest(directory)}

@@ -1,7 +1,7 @@
 PYTHON ?= python
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install test test-all train pipeline bench tensorboard lint format clean
+.PHONY: install test test-all train pipeline bench serve tensorboard lint format clean
 
 install:  ## install tunelab and its dev tools into the current Python
 	$(PIP) install -e ".[dev]"
@@ -14,6 +14,9 @@ test-all:  ## every test, the slow end-to-end runs too
 
 train:  ## the default run: fine-tune a tiny BERT on the embedded reviews
 	$(PYTHON) train.py
+
+serve:  ## serve the latest fine-tuned model on http://127.0.0.1:8000 (POST /predict, GET /health, GET /info)
+	$(PYTHON) serve.py model=logs/finetune/latest
 
 bench:  ## throughput ratios against bare PyTorch loops, measured in the same run
 	$(PYTHON) -m tunelab.bench

@@ -1,0 +1,266 @@
+"""`python serve.py model=...`: the model behind `POST /predict`, on LitServe.
+
+LitServe runs the HTTP side (uvicorn, forked) apart from the inference worker (spawned, where the model
+lives) and batches concurrent requests for the worker (`max_batch_size`, `batch_timeout`). What this module
+adds to it:
+
+- typed bodies (`requests`): FastAPI validates them in the HTTP process, and a validation error is a 400
+  (not JSON) or 422 with one line naming the field, so nothing malformed reaches the worker or fails a batch;
+- `GET /health` answers 503 while the worker is still loading the model (LitServe would not listen until
+  it had), `GET /info` the artifact's card;
+- a body-size limit (413) checked on the declared length before anything is read, request logging with
+  latency, and a shutdown on SIGTERM/SIGINT that lets in-flight requests finish before the worker stops.
+"""
+
+
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import litserve as ls
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from tunelab.deploy.requests import ImageRequest, TextRequest
+
+log = logging.getLogger("tunelab.serve")
+
+
+def one_line(errors: list[dict]) -> str:
+    """FastAPI's validation errors as `where: what` parts (never the submitted input itself)."""
+    parts = []
+    for e in errors:
+        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        msg = str(e.get("msg", "")).removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where and not msg.startswith("'") else msg)
+    return "; ".join(parts)
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = list(exc.errors())
+    bad_json = any(e.get("type") == "json_invalid" for e in errors)
+    not_object = any(e.get("type") == "model_attributes_type" and tuple(e.get("loc", ())) == ("body",)
+                     for e in errors)
+    if bad_json:
+        message = "body is not valid JSON (expected a JSON object)"
+    elif not_object:
+        message = ("body is not a JSON object (expected a JSON object such as {\"text\": \"...\"}, sent with "
+                   "Content-Type: application/json)")
+    else:
+        message = one_line(errors)
+    detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg")), "type": e.get("type")} for e in errors]
+    return JSONResponse({"error": message, "detail": detail}, status_code=400 if bad_json else 422)
+
+
+class Guard:
+    """ASGI middleware: refuse bodies over `max_bytes` (413), log each request with its latency."""
+
+    def __init__(self, app: Any, max_bytes: int, log_requests: bool = True) -> None:
+        self.app, self.max_bytes, self.log_requests = app, max_bytes, log_requests
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [0]
+
+        async def sending(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        length = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_bytes:
+            got = f"{int(length):,} bytes" if length.isdigit() else f"Content-Length {length.decode(errors='replace')!r}"
+            response = JSONResponse({"error": f"request body of {got} exceeds max_body_bytes="
+                                              f"{self.max_bytes:,}"}, status_code=413)
+            await response(scope, receive, sending)
+        else:
+            await self.app(scope, self._bounded(receive), sending)
+        if self.log_requests:
+            log.info("%s %s %d %.1f ms", scope["method"], scope["path"], status[0],
+                     1000 * (time.perf_counter() - start))
+
+    def _bounded(self, receive: Any) -> Any:
+        """A body sent without a length (chunked) is counted as it arrives."""
+        seen = [0]
+
+        async def bounded() -> dict:
+            from fastapi import HTTPException
+
+            message = await receive()
+            seen[0] += len(message.get("body", b""))
+            if seen[0] > self.max_bytes:
+                raise HTTPException(413, f"request body exceeds max_body_bytes={self.max_bytes:,}")
+            return message
+
+        return bounded
+
+
+class ClassifierAPI(ls.LitAPI):
+    """Requests of one or many inputs, batched across requests for one pass of the predictor."""
+
+    def __init__(self, model: str, backend: str, threads: int | None, chunk: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.model, self.backend_name, self.threads, self.chunk = model, backend, threads, chunk
+
+    def setup(self, device: str) -> None:
+        from tunelab import artifacts
+        from tunelab.deploy.predictor import Predictor
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches every process: the server stops this one last
+        self.predictor = Predictor(artifacts.load(self.model, role="model"), self.backend_name, self.threads)
+        self.predictor.probabilities(self.warmup())  # the first pass allocates; do not bill a client for it
+
+    def _answers(self, items: list) -> list[dict]:
+        out = []
+        for i in range(0, len(items), self.chunk):
+            out.extend(self.predictor.describe(self.predictor.probabilities(items[i:i + self.chunk])))
+        return out
+
+    def batch(self, inputs: list[list]) -> tuple[list, list[int]]:
+        return [x for items in inputs for x in items], [len(items) for items in inputs]
+
+    def predict(self, x: Any) -> Any:
+        if not isinstance(x, tuple):  # batching off: one request's inputs
+            return self._answers(x)
+        items, counts = x
+        answers, out, start = self._answers(items), [], 0
+        for n in counts:
+            out.append(answers[start:start + n])
+            start += n
+        return out
+
+    def unbatch(self, output: list) -> list:
+        return output
+
+    def encode_response(self, output: list[dict], context: dict) -> dict:
+        return output[0] if context.get("single") else {"predictions": output}
+
+
+class TextAPI(ClassifierAPI):
+    def decode_request(self, request: TextRequest, context: dict) -> list[str]:
+        context["single"] = request.single
+        return request.items
+
+    def warmup(self) -> list:
+        return ["warm up"]
+
+
+class ImageAPI(ClassifierAPI):
+    def decode_request(self, request: ImageRequest, context: dict) -> list:
+        context["single"] = request.single
+        return request.items
+
+    def warmup(self) -> list:
+        from PIL import Image
+
+        return [Image.new("RGB", (32, 32))]
+
+
+class Server(ls.LitServer):
+    """LitServer that listens while the model loads (health 503 until then) and stops gracefully."""
+
+    failed = False
+
+    def verify_worker_status(self) -> None:
+        """Do not wait for the worker before listening; stop the server if it fails to load."""
+        def watch() -> None:
+            while True:
+                states = list(self.workers_setup_status.values())
+                if any(s == ls.utils.WorkerSetupStatus.ERROR for s in states):
+                    log.error("the inference worker failed to load the model; stopping")
+                    Server.failed = True
+                    self._shutdown_event.set()
+                    return
+                if states and all(s == ls.utils.WorkerSetupStatus.READY for s in states):
+                    log.info("model loaded: ready")
+                    return
+                time.sleep(0.05)
+
+        threading.Thread(target=watch, daemon=True, name="tunelab-worker-watch").start()
+
+    def _start_server(self, *args: Any, **kwargs: Any) -> dict:
+        self.http_workers = super()._start_server(*args, **kwargs)
+        return self.http_workers
+
+    def drain(self, signum: int, frame: Any) -> None:
+        """Stop accepting, let in-flight requests finish (uvicorn's graceful shutdown), then stop the workers."""
+        if os.getpid() != self.pid:  # an HTTP process forked with this handler: uvicorn re-raises its signal here
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        log.info("signal %d: finishing in-flight requests, then stopping", signum)
+        for worker in getattr(self, "http_workers", {}).values():
+            if worker.is_alive():
+                worker.terminate()
+        for worker in getattr(self, "http_workers", {}).values():
+            worker.join(timeout=self.uvicorn_graceful_timeout)
+        raise KeyboardInterrupt  # LitServer.run's own shutdown path: stop the inference workers and the manager
+
+
+def build(model: str, modality: str, card: dict, cfg: Any) -> Server:
+    """The LitServer for `model` with the `serve` config `cfg` (batching, limits, logging)."""
+    from tunelab.deploy.requests import Limits
+
+    Limits.max_items, Limits.max_image_bytes = cfg.max_items, cfg.max_image_bytes
+    api_class = ImageAPI if modality == "image" else TextAPI
+    api = api_class(model, cfg.backend, cfg.threads, cfg.max_batch_size * cfg.max_items,
+                    max_batch_size=cfg.max_batch_size, batch_timeout=cfg.batch_timeout)
+    server = Server(api, accelerator="cpu", workers_per_device=cfg.workers, timeout=cfg.timeout,
+                    model_metadata=card, middlewares=[(Guard, {"max_bytes": cfg.max_body_bytes,
+                                                               "log_requests": cfg.log_requests})],
+                    fast_queue=cfg.fast_queue)
+    server.app.add_exception_handler(RequestValidationError, validation_error)
+    return server
+
+
+def serve(server: Server, host: str, port: int, log_level: str = "info") -> None:
+    server.pid = os.getpid()
+    signal.signal(signal.SIGTERM, server.drain)
+    signal.signal(signal.SIGINT, server.drain)
+    server.run(host=host, port=port, generate_client_file=False, log_level=log_level, access_log=False)
+
+
+def rules() -> tuple:
+    from tunelab import checks
+    from tunelab.deploy.predictor import BACKENDS
+
+    return (
+        ("host", checks.choice("127.0.0.1", "0.0.0.0", "::")),  # what LitServe binds to
+        ("port", checks.integer(1024, 65535)),
+        ("backend", checks.choice(*BACKENDS)),
+        ("threads", checks.OPTIONAL_COUNT),
+        ("workers", checks.COUNT),
+        ("max_batch_size", checks.COUNT),
+        ("batch_timeout", checks.NON_NEGATIVE),
+        ("max_items", checks.COUNT),
+        ("max_body_bytes", checks.COUNT),
+        ("max_image_bytes", checks.COUNT),
+        ("timeout", checks.POSITIVE),
+        ("fast_queue", checks.BOOL),
+        ("log_requests", checks.BOOL),
+        ("log_level", checks.choice("debug", "info", "warning", "error")),
+    )
+
+
+def run(cfg: Any) -> int:
+    """Check the config and the model in this process (bad input: an error before anything starts), then
+    serve until stopped; returns the exit code."""
+    from tunelab import artifacts
+    from tunelab.deploy.predict import check_rules, classifier_kinds
+    from tunelab.deploy.predictor import Predictor
+
+    check_rules(cfg, rules())
+    model = artifacts.model_dir(cfg.model, "model")
+    predictor = Predictor(artifacts.load(model, kinds=classifier_kinds(), role="model"), cfg.backend,
+                          cfg.threads)  # what the worker will load: fails here, before anything starts
+    card = {**predictor.card, "labels": predictor.labels, "source": str(model), "backend": predictor.backend}
+    modality = predictor.modality
+    del predictor
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(build(str(model), modality, card, cfg), cfg.host, cfg.port, cfg.log_level)
+    return 1 if Server.failed else 0

@@ -223,3 +223,44 @@ def test_lora_run_logs_trainable_share_and_writes_merged_model_and_adapter(tiny_
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     assert "params/trainable_pct" in events.Tags()["scalars"]
+
+
+# ----------------------------------------------------------------------------- the few-shot study
+def test_fewshot_methods_pick_task_tuning_and_a_small_validation_set(tiny_hf_dir: Path, tmp_path: Path) -> None:
+    base = ["experiment=reviews_fewshot", f"model.pretrained={tiny_hf_dir}", "data.limit_train_per_class=8"]
+    for method, target, tuning, lr in (("head", "finetune.FinetuneTask", "head", 2e-3),
+                                       ("lora", "finetune.FinetuneTask", "lora", 5e-4),
+                                       ("prompt", "prompt.PromptTask", "full", 5e-5)):
+        cfg = compose_cfg([*base, f"fewshot_method={method}"], tmp_path / method)
+        assert cfg.task._target_.endswith(target) and cfg.tuning.method == tuning and cfg.optimizer.lr == lr
+        assert cfg.data.limit_val_per_class == 8 and cfg.data.seed == cfg.seed
+
+
+def test_limit_val_per_class_draws_a_class_balanced_validation_subset(tiny_hf_dir: Path, tmp_path: Path) -> None:
+    from tunelab.data.text import TextDataModule
+
+    rows = [{"text": f"the book product is {w}", "label": w} for w in ("good", "bad") for _ in range(20)]
+    for split in ("train", "val"):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    dm = TextDataModule(str(tmp_path / "train.jsonl"), str(tmp_path / "val.jsonl"), str(tmp_path / "val.jsonl"),
+                        limit_train_per_class=4, limit_val_per_class=3, tokenizer=str(tiny_hf_dir),
+                        cache_dir=str(tmp_path / "cache"))
+    dm.setup("fit")
+    assert sorted(dm.datasets["val"]["labels"]) == [0, 0, 0, 1, 1, 1]
+    assert len(dm.datasets["train"]) == 8 and len(dm.datasets["test"]) == 40
+
+
+def test_sweep_summary_tables_mean_and_std_per_method_and_k(tmp_path: Path) -> None:
+    from tunelab.sweep_summary import write
+
+    for i, (method, k, seed, acc) in enumerate([("full", 8, 1, 0.6), ("full", 8, 2, 0.8), ("lora", 8, 1, 0.7),
+                                                ("full", 16, 1, 0.9)]):
+        job = tmp_path / str(i)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(
+            f"- seed={seed}\n- data.limit_train_per_class={k}\n- fewshot_method={method}\n")
+        (job / "metrics.json").write_text(json.dumps({"metrics": {"test/acc": acc, "params/trainable_pct": 1.0}}))
+    text = write(tmp_path, "fewshot_method", "data.limit_train_per_class")
+    assert "| full | 70.0 ± 14.1 (n=2) | 90.0 ± 0.0 (n=1) |" in text
+    assert "| lora | 70.0 ± 0.0 (n=1) |  |" in text
+    assert len(json.loads((tmp_path / "summary.json").read_text())) == 4

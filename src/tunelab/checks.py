@@ -182,6 +182,7 @@ RULES: tuple[tuple[str, Rule | Lazy], ...] = (
     ("data.seed", integer(0, 2**32 - 1)),
     ("data.limit_train", OPTIONAL_COUNT),
     ("data.limit_train_per_class", OPTIONAL_COUNT),
+    ("data.limit_val_per_class", OPTIONAL_COUNT),
     ("data.limit_unlabelled", OPTIONAL_COUNT),
     ("data.labels", Rule(lambda v: len(set(v)) >= 2, "a list of at least two distinct labels",
                          lambda v: isinstance(v, ListConfig | list), null=True)),

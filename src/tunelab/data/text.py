@@ -89,6 +89,7 @@ class TextDataModule(SplitDataModule):
         seed: int = 0,
         limit_train: int | None = None,
         limit_train_per_class: int | None = None,
+        limit_val_per_class: int | None = None,
         unlabelled_file: str | None = None,
         limit_unlabelled: int | None = None,
         tokenizer: str | PreTrainedTokenizerBase | None = None,
@@ -116,6 +117,7 @@ class TextDataModule(SplitDataModule):
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
         self.limit_train = limit_train
         self.limit_train_per_class = limit_train_per_class
+        self.limit_val_per_class = limit_val_per_class  # few-shot protocol: a validation set as small as training
         self.unlabelled_file, self.limit_unlabelled = unlabelled_file, limit_unlabelled
         self.pack, self.collator_factory, self.num_proc = pack, collator, num_proc
         self.masking: Any = None
@@ -150,10 +152,11 @@ class TextDataModule(SplitDataModule):
 
     def _check_options(self) -> None:
         """Checked in `setup` (outside Hydra's instantiate, which would wrap the message)."""
-        per_class = self.limit_train_per_class
-        if per_class is not None and (not self.labelled or per_class < 1):
-            raise TunelabError(f"data.limit_train_per_class={per_class} (expected a positive count of records per "
-                               "label, with labelled data)")
+        for split in ("train", "val"):
+            per_class = getattr(self, f"limit_{split}_per_class")
+            if per_class is not None and (not self.labelled or per_class < 1):
+                raise TunelabError(f"data.limit_{split}_per_class={per_class} (expected a positive count of records "
+                                   "per label, with labelled data)")
         if self.unlabelled_file and not self.labelled:
             raise TunelabError(f"data.unlabelled_file={self.unlabelled_file} adds unlabelled records to labelled "
                                "training data (expected data.label_field set; this train file is unlabelled already)")
@@ -200,6 +203,8 @@ class TextDataModule(SplitDataModule):
             raw["train"] = raw["train"].shuffle(seed=self.seed).select(range(min(self.limit_train, len(raw["train"]))))
         if self.limit_train_per_class:
             raw["train"] = per_class_subset(raw["train"], self.limit_train_per_class, self.seed)
+        if self.limit_val_per_class and "val" in raw:
+            raw["val"] = per_class_subset(raw["val"], self.limit_val_per_class, self.seed)
         if self.unlabelled_file:
             raw["unlabelled"] = self._read("unlabelled")
             if self.limit_unlabelled:

@@ -45,16 +45,8 @@ def cpu_latency(student: nn.Module, teacher: nn.Module, batch: dict[str, torch.T
 
 
 def percentiles(call: Callable[[], object], repeats: int, warmup: int = 3) -> tuple[float, float]:
-    """p50 and p95 milliseconds of `call()` after `warmup` untimed calls (for the compression report and bench)."""
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(1000 * (time.perf_counter() - start))
-    times.sort()
-    return statistics.median(times), times[min(len(times) - 1, round(0.95 * (len(times) - 1)))]
+    """p50 and p95 milliseconds of `call()` after `warmup` untimed calls."""
+    return interleaved([call], repeats, warmup)[0]
 
 
 @contextmanager
@@ -66,3 +58,21 @@ def threads(n: int) -> Iterator[int]:
         yield int(n)
     finally:
         torch.set_num_threads(before)
+
+
+def interleaved(calls: list[Callable[[], object]], repeats: int, warmup: int = 3) -> list[tuple[float, float]]:
+    """`percentiles` of several calls measured in turns, so a change in machine load hits every one alike."""
+    for call in calls:
+        for _ in range(warmup):
+            call()
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(repeats):
+        for call, spent in zip(calls, times, strict=True):
+            start = time.perf_counter()
+            call()
+            spent.append(1000 * (time.perf_counter() - start))
+    result = []
+    for spent in times:
+        spent.sort()
+        result.append((statistics.median(spent), spent[min(len(spent) - 1, round(0.95 * (len(spent) - 1)))]))
+    return result

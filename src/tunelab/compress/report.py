@@ -48,7 +48,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     notes = "\n".join(f"- {note}" for note in meta.get("notes", []))
     return (f"# Compression of `{meta['source']}`\n\n{chr(10).join(lines)}\n\n"
             f"Latency: CPU, {meta['threads']} thread(s) (torch.set_num_threads and onnxruntime intra-op), "
-            f"p50/p95 over {meta['repeats']} calls after {meta['warmup']} warm-up calls, on the first records of the "
+            f"p50/p95 over {meta['repeats']} calls after {meta['warmup']} warm-up calls, the variants measured in turns, "
+            f"on the first records of the "
             f"test split ({meta['shapes']}); speed-up is fp32 p50 / variant p50. Accuracy on {meta['test_records']} "
             f"test records; agreement: share of predictions equal to the fp32 model's.\n\n{notes}\n")
 

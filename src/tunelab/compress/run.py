@@ -205,22 +205,23 @@ def measure_all(cfg: DictConfig, variants: list[Variant], datamodule: Any, notes
     rows: list[dict[str, Any]] = []
     reference = None
     with latency.threads(cfg.threads):
-        for v in variants:
-            net = v.net.with_threads(cfg.threads) if isinstance(v.net, onnx_kind.OnnxNet) else v.net
+        nets = [v.net.with_threads(cfg.threads) if isinstance(v.net, onnx_kind.OnnxNet) else v.net for v in variants]
+        for v, net in zip(variants, nets, strict=True):
             preds, labels = data.predict(net, datamodule, cfg.eval.limit_batches)
             reference = preds if reference is None else reference
             size, packed = report.sizes(v.folder)
-            row = {"variant": v.name, "folder": str(v.folder), "params": v.params, "size_mb": size,
-                   "size_gz_mb": packed, "sparsity": v.sparsity, "acc": float((preds == labels).float().mean()),
-                   "agreement": float((preds == reference).float().mean())}
-            for b, batch in shapes.items():
-                with torch.inference_mode():
-                    p50, p95 = latency.percentiles(lambda net=net, batch=batch: net(batch), cfg.latency.repeats,
-                                                   cfg.latency.warmup)
-                row.update({f"b{b}_p50_ms": p50, f"b{b}_p95_ms": p95})
-                row[f"b{b}_speedup"] = rows[0][f"b{b}_p50_ms"] / p50 if rows else 1.0
-            rows.append(row)
-            log.info("measured %s", row)
+            rows.append({"variant": v.name, "folder": str(v.folder), "params": v.params, "size_mb": size,
+                         "size_gz_mb": packed, "sparsity": v.sparsity,
+                         "acc": float((preds == labels).float().mean()),
+                         "agreement": float((preds == reference).float().mean())})
+        for b, batch in shapes.items():  # every variant in turn, so load changes hit them alike
+            with torch.inference_mode():
+                calls = [lambda net=net, batch=batch: net(batch) for net in nets]
+                timings = latency.interleaved(calls, cfg.latency.repeats, cfg.latency.warmup)
+            for row, (p50, p95) in zip(rows, timings, strict=True):
+                row.update({f"b{b}_p50_ms": p50, f"b{b}_p95_ms": p95, f"b{b}_speedup": timings[0][0] / p50})
+    for row in rows:
+        log.info("measured %s", row)
     meta = {"source": str(variants[0].folder), "threads": cfg.threads, "batch_sizes": list(cfg.latency.batch_sizes),
             "repeats": cfg.latency.repeats, "warmup": cfg.latency.warmup, "test_records": int(len(reference)),
             "shapes": ", ".join(shape(s) for s in shapes.values()),

@@ -199,11 +199,84 @@ def test_memory_stays_flat_on_a_file_100_times_the_test_split(tiny_classifier: P
     peaks = {}
     for path in (small, large):
         proc = subprocess.run([sys.executable, str(ROOT / "predict.py"), f"model={tiny_classifier}", f"input={path}",
-                               f"output={tmp_path / path.stem}.jsonl", "progress=false", "data.batch_size=256"],
+                               f"output={tmp_path}/out_{path.stem}.jsonl", "progress=false", "data.batch_size=256"],
                               capture_output=True, text=True, timeout=1200, cwd=tmp_path,
                               env={**os.environ, "OMP_NUM_THREADS": "2"})
         assert proc.returncode == 0, proc.stderr[-2000:]
-        peaks[path.stem] = json.loads((tmp_path / f"{path.stem}.metrics.json").read_text())["peak_rss_mb"]
-    with open(tmp_path / "large.jsonl") as f:
+        peaks[path.stem] = json.loads((tmp_path / f"out_{path.stem}.metrics.json").read_text())["peak_rss_mb"]
+    with open(tmp_path / "out_large.jsonl") as f:
         assert sum(1 for _ in f) == 100 * len(test.splitlines())
     assert peaks["large"] <= 1.1 * peaks["small"], peaks
+
+
+# ----------------------------------------------------------------------------- ONNX variants and images (slow)
+def onnx_variants(folder: Path, example: dict, out: Path) -> tuple[Path, Path]:
+    """The fp32 and int8 ONNX folders compression writes for `folder` (its export and quantization)."""
+    from tunelab.artifacts import onnx as onnx_kind
+    from tunelab.compress import onnx_export, quantize
+
+    source = artifacts.load(folder)
+    graph = onnx_export.export(source.net, out / "fp32.onnx", example)
+    quantize.onnx_dynamic(graph, out / "int8.onnx")
+    return (onnx_kind.save(out / "onnx_fp32", graph, source, {"precision": "fp32"}),
+            onnx_kind.save(out / "onnx_int8", out / "int8.onnx", source, {"precision": "int8"}))
+
+
+def probabilities(path: Path, labels: list[str]) -> torch.Tensor:
+    return torch.tensor([[r["probabilities"][name] for name in labels] for r in rows(path)], dtype=torch.float64)
+
+
+@pytest.mark.slow
+def test_text_onnx_predictions_are_the_test_steps(make_cfg, tmp_path: Path) -> None:
+    from tunelab.train import run
+
+    cfg = make_cfg("data.domains=[books]", "trainer.limit_train_batches=30", "trainer.limit_test_batches=null")
+    run(cfg)
+    folder = Path(cfg.paths.output_dir)
+    task, dm = trained_task(cfg, folder)
+    with torch.inference_mode():
+        logits = torch.cat([task.model(b).logits for b in dm.test_dataloader()])
+    test = write_jsonl(tmp_path / "test.jsonl", [r for r in map(json.loads, Path(cfg.data.test_file).read_text()
+                                                                .splitlines()) if r["domain"] == "books"])
+    fp32, int8 = onnx_variants(folder / "model", next(iter(dm.test_dataloader())), tmp_path)
+    for name, model in (("fp32", fp32), ("int8", int8)):
+        summary = predict(model, test, tmp_path / f"{name}.jsonl")
+        assert summary["backend"] == "onnxruntime"  # auto: the artifact is an ONNX graph
+        got = probabilities(tmp_path / f"{name}.jsonl", LABELS)
+        agree = (got.argmax(-1) == logits.argmax(-1)).double().mean().item()
+        if name == "fp32":
+            torch.testing.assert_close(got, logits.softmax(-1).double(), atol=1e-4, rtol=0)
+        else:  # dynamic int8: the same answers but for a few borderline rows
+            assert agree >= 0.97, agree
+
+
+@pytest.mark.slow
+def test_image_predictions_are_the_test_steps(make_cfg, tmp_path: Path) -> None:
+    from tunelab.train import run
+
+    cfg = make_cfg("data=digits", "model=timm", "model.name=resnet10t", "trainer.limit_train_batches=10",
+                   "trainer.limit_test_batches=null")
+    run(cfg)
+    folder = Path(cfg.paths.output_dir)
+    metrics = json.loads((folder / "metrics.json").read_text())["metrics"]
+    task, dm = trained_task(cfg, folder)
+    with torch.inference_mode():
+        logits = torch.cat([task.model(b).logits for b in dm.test_dataloader()])
+    root = Path(cfg.data.root) / "test"
+    labels = dm.labels
+    summary = predict(folder, root, tmp_path / "torch.jsonl")
+    assert [r["path"] for r in rows(tmp_path / "torch.jsonl")] == [p for p, _ in dm.datasets["test"].base.samples]
+    torch.testing.assert_close(probabilities(tmp_path / "torch.jsonl", labels), logits.softmax(-1).double(),
+                               atol=1e-5, rtol=0)
+    assert summary["accuracy"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+    fp32, _ = onnx_variants(folder / "model", next(iter(dm.test_dataloader())), tmp_path)
+    assert predict(fp32, root, tmp_path / "onnx.jsonl")["backend"] == "onnxruntime"
+    torch.testing.assert_close(probabilities(tmp_path / "onnx.jsonl", labels), logits.softmax(-1).double(),
+                               atol=1e-4, rtol=0)
+    listed = tmp_path / "list.txt"
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    listed.write_text(f"{dm.datasets['test'].base.samples[0][0]}\nbroken.png\nmissing.png\n")
+    summary = predict(folder, listed, tmp_path / "list.jsonl")
+    assert summary["predicted"] == 1 and summary["skipped"] == 2
+    assert [e["line"] for e in rows(tmp_path / "list.errors.jsonl")] == [2, 3]

@@ -53,6 +53,22 @@ def call(url: str, body: bytes | None = None, headers: dict | None = None, metho
             return e.code, {"raw": text.decode(errors="replace")}
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (the server stops its HTTP and worker processes), then kill whatever is left of the tree."""
+    if proc.poll() is not None:
+        return
+    children = psutil.Process(proc.pid).children(recursive=True)
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for child in children:
+        if child.is_running():
+            child.kill()
+
+
 class Served:
     def __init__(self, proc: subprocess.Popen, url: str, log: Path, first_health: int) -> None:
         self.proc, self.url, self.log, self.first_health = proc, url, log, first_health
@@ -75,24 +91,25 @@ def server(tiny_classifier: Path, tmp_path_factory: pytest.TempPathFactory):  # 
                                  "max_batch_size=4", "batch_timeout=0.3", "max_items=8", "max_body_bytes=65536",
                                  "threads=1"], stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path_factory.mktemp("cwd"))
     url, first, deadline = f"http://127.0.0.1:{port}", None, time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            status, _ = call(f"{url}/health", method="GET")
-        except (urllib.error.URLError, ConnectionError):
-            assert proc.poll() is None, log.read_text()[-3000:]
+    try:
+        while time.monotonic() < deadline:
+            try:
+                status, _ = call(f"{url}/health", method="GET")
+            except (urllib.error.URLError, ConnectionError):
+                assert proc.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.05)
+                continue
+            first = first or status
+            if status == 200:
+                break
             time.sleep(0.05)
-            continue
-        first = first or status
-        if status == 200:
-            break
-        time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail(f"server not ready: {log.read_text()[-3000:]}")
+        else:
+            pytest.fail(f"server not ready: {log.read_text()[-3000:]}")
+    except BaseException:
+        stop(proc)
+        raise
     yield Served(proc, url, log, first)
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    stop(proc)
 
 
 def expected(folder: Path, texts: list[str]) -> list[dict]:
@@ -195,6 +212,7 @@ def test_sigterm_lets_in_flight_requests_finish(server: Served) -> None:
         response = conn.getresponse()
         results.append((response.status, json.loads(response.read())))
 
+    workers = server.workers()
     threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
     for t in threads:
         t.start()
@@ -205,6 +223,7 @@ def test_sigterm_lets_in_flight_requests_finish(server: Served) -> None:
         t.join(60)
     assert [status for status, _ in results] == [200, 200, 200]
     assert server.proc.wait(60) == 0
+    assert not [p for p in workers if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert "Traceback" not in server.log.read_text()
 
 

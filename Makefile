@@ -15,6 +15,9 @@ test-all:  ## every test, the slow end-to-end runs too
 train:  ## the default run: fine-tune a tiny BERT on the embedded reviews
 	$(PYTHON) train.py
 
+pipeline:  ## MLM pretraining -> fine-tuning -> distillation -> compression -> predictions, then one summary table
+	$(PYTHON) -m tunelab.pipeline
+
 serve:  ## serve the latest fine-tuned model on http://127.0.0.1:8000 (POST /predict, GET /health, GET /info)
 	$(PYTHON) serve.py model=logs/finetune/latest
 

@@ -250,3 +250,32 @@ def test_image_bodies_that_do_not_decode_are_refused(payload: dict, message: str
     assert message in str(info.value)
     request = ImageRequest.model_validate({"images": [png(), png((4, 6))]})
     assert [im.size for im in request.items] == [(8, 8), (6, 4)] and not request.single
+
+
+# ----------------------------------------------------------------------------- bad commands (in-process)
+def serve_cfg(*overrides: str):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf" / "deploy"), version_base="1.3"):
+        return compose("serve", overrides=list(overrides))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["model={lm}"], "is a BertForMaskedLM, not a sequence classifier or image classifier"),
+    (["model={tmp}"], "holds no model"),
+    (["model={clf}", "port=80"], "port=80 (expected an integer in [1024, 65535])"),
+    (["model={clf}", "host=example.com"], "host='example.com' (expected one of '127.0.0.1'"),
+    (["model={clf}", "max_batch_size=0"], "max_batch_size=0 (expected an integer >= 1)"),
+    (["model={clf}", "backend=onnxruntime"], "holds no ONNX graph"),
+])
+def test_bad_commands_stop_before_anything_listens(overrides: list[str], message: str, tiny_hf_dir: Path,
+                                                   tiny_classifier: Path, tmp_path: Path) -> None:  # noqa: F811
+    from tunelab.deploy.server import run
+    from tunelab.errors import TunelabError
+
+    cfg = serve_cfg(*(o.format(lm=tiny_hf_dir, tmp=tmp_path, clf=tiny_classifier) for o in overrides))
+    with pytest.raises(TunelabError) as info:
+        run(cfg)
+    assert message in str(info.value)

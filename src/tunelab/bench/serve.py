@@ -1,0 +1,181 @@
+"""Load test of `serve.py` on loopback: dynamic batching against batching off and a bare onnxruntime loop.
+
+The model is the ONNX int8 reviews classifier (`onnx_int8/` of the newest compression run when there is
+one, else a bert_tiny classifier on the reviews tokenizer, exported and quantized here: timing needs its
+cost, not its accuracy). CLIENTS concurrent clients send REQUESTS single-text requests each; the server runs
+with batching (max_batch_size=CLIENTS) and then without (max_batch_size=1), each in a fresh process; the
+bare loop runs the same texts through the same predictor in batches of CLIENTS. The inference worker and
+the bare loop use THREADS onnxruntime threads, so the ratios compare like with like.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+CLIENTS, REQUESTS, THREADS, TIMEOUT = 16, 50, 1, 0.005
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def model_folder(work: Path) -> Path:
+    """The newest compression run's ONNX int8 variant, or one made here from an untrained bert_tiny."""
+    latest = ROOT / "logs" / "compress" / "latest" / "onnx_int8"
+    if (latest / "model.onnx").is_file():
+        return latest
+    import torch
+
+    from tunelab import artifacts
+    from tunelab.artifacts import onnx as onnx_kind
+    from tunelab.compress import onnx_export, quantize
+    from tunelab.config import build as instantiate
+    from tunelab.config import compose_config
+    from tunelab.models.text import TextModel
+
+    cfg = compose_config(["trainer.enable_progress_bar=false"], work / "run")
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    torch.manual_seed(0)
+    net = TextModel("classifier", dm.labels, dm.tokenizer, hidden_size=128, num_layers=2, num_heads=2,
+                    intermediate_size=512)
+    source = artifacts.load(artifacts.save(work / "fp32", net, labels=dm.labels, tokenizer=dm.tokenizer,
+                                           max_length=cfg.data.max_length))
+    example = next(iter(dm.test_dataloader()))
+    graph = onnx_export.export(source.net, work / "fp32.onnx", {k: example[k] for k in ("input_ids", "attention_mask")})
+    quantize.onnx_dynamic(graph, work / "int8.onnx")
+    return onnx_kind.save(work / "onnx_int8", work / "int8.onnx", source, {"precision": "int8"})
+
+
+def texts() -> list[str]:
+    from tunelab.data.embedded import ensure
+
+    path = ensure("reviews", ROOT / ".cache" / "data") / "all" / "test.jsonl"
+    records = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    return records[: CLIENTS * REQUESTS]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(model: Path, max_batch_size: int, log: Path) -> tuple[subprocess.Popen, str]:
+    import urllib.request
+
+    port = free_port()
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), f"model={model}", f"port={port}",
+                                 f"max_batch_size={max_batch_size}", f"batch_timeout={TIMEOUT}",
+                                 f"threads={THREADS}", "log_requests=false"], stdout=out, stderr=subprocess.STDOUT)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"serve.py exited: {log.read_text()[-2000:]}") from None
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"serve.py not ready after 300 s: {log.read_text()[-2000:]}")
+
+
+async def load(url: str, items: list[str]) -> dict[str, Any]:
+    """CLIENTS clients, each sending its share of `items` one request at a time."""
+    import aiohttp
+
+    latencies: list[float] = []
+    errors: list[str] = []
+
+    async def client(session: aiohttp.ClientSession, mine: list[str]) -> None:
+        for text in mine:
+            start = time.perf_counter()
+            try:
+                async with session.post(f"{url}/predict", json={"text": text}) as r:
+                    body = await r.json()
+                    if r.status != 200 or "label" not in body:
+                        errors.append(f"{r.status} {str(body)[:200]}")
+            except aiohttp.ClientError as e:
+                errors.append(repr(e))
+            latencies.append(time.perf_counter() - start)
+
+    shares = [items[i::CLIENTS] for i in range(CLIENTS)]
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CLIENTS)) as session:
+        await asyncio.gather(*(client(session, s[:2]) for s in shares))  # warm-up, not timed
+        latencies.clear()
+        start = time.perf_counter()
+        await asyncio.gather(*(client(session, s) for s in shares))
+        seconds = time.perf_counter() - start
+    q = statistics.quantiles(latencies, n=20)
+    return {"rps": len(latencies) / seconds, "p50_ms": 1000 * statistics.median(latencies), "p95_ms": 1000 * q[18],
+            "errors": errors, "requests": len(latencies)}
+
+
+def served(model: Path, items: list[str], max_batch_size: int, work: Path) -> dict[str, Any]:
+    proc, url = start(model, max_batch_size, work / f"serve_{max_batch_size}.log")
+    try:
+        result = asyncio.run(load(url, items))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    server_errors = [line for line in (work / f"serve_{max_batch_size}.log").read_text().splitlines()
+                     if " 500 " in line or "Traceback" in line]
+    return {**result, "server_errors": server_errors}
+
+
+def bare(model: Path, items: list[str]) -> float:
+    """Texts/s of the predictor alone (tokenize + onnxruntime) over the same texts, CLIENTS at a time."""
+    from tunelab import artifacts
+    from tunelab.deploy.predictor import Predictor
+
+    predictor = Predictor(artifacts.load(model), "onnxruntime", THREADS)
+    batches = [items[i:i + CLIENTS] for i in range(0, len(items), CLIENTS)]
+    predictor.probabilities(batches[0])
+    start = time.perf_counter()
+    for batch in batches:
+        predictor.describe(predictor.probabilities(batch))
+    return len(items) / (time.perf_counter() - start)
+
+
+def line(name: str, r: dict[str, Any]) -> str:
+    return (f"  {name}: {r['rps']:.0f} requests/s, p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms, "
+            f"{len(r['errors'])} client errors, {len(r['server_errors'])} server errors")
+
+
+def main() -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model, items = model_folder(work), texts()
+        batched = served(model, items, CLIENTS, work)
+        unbatched = served(model, items, 1, work)
+        loop = bare(model, items)
+    print(f"serve (ONNX int8 reviews classifier {model.name}, {CLIENTS} clients x {REQUESTS} requests, "
+          f"{THREADS} onnxruntime thread(s), {os.cpu_count()} CPUs):")
+    print(line(f"batching on (max_batch_size={CLIENTS}, batch_timeout={TIMEOUT})", batched))
+    print(line("batching off (max_batch_size=1)", unbatched))
+    print(f"  bare onnxruntime loop, batch {CLIENTS}: {loop:.0f} texts/s")
+    ratios = {"batched_vs_unbatched": batched["rps"] / unbatched["rps"], "batched_vs_bare": batched["rps"] / loop}
+    print(f"  throughput: {ratios['batched_vs_unbatched']:.2f}x batching off (target >= 3), "
+          f"{ratios['batched_vs_bare']:.2f}x the bare loop (target >= 0.7)")
+    for r in (batched, unbatched):
+        for e in (r["errors"] + r["server_errors"])[:3]:
+            print(f"  error: {e}")
+    return {"batched": batched, "unbatched": unbatched, "bare_rps": loop, **ratios}
+
+
+if __name__ == "__main__":
+    main()

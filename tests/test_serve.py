@@ -157,7 +157,7 @@ def test_info_is_the_artifacts_card(server: Served, tiny_classifier: Path) -> No
 MALFORMED = [
     ("invalid JSON", b'{"text": "unterminated', 400, "not valid JSON"),
     ("not an object", b'["a text"]', 422, "not a JSON object"),
-    ("missing field", {"txt": "a"}, 422, "Extra inputs are not permitted"),
+    ("unknown field", {"txt": "a"}, 422, "txt: unknown field (expected 'text' or 'texts')"),
     ("nothing to predict", {}, 422, "give exactly one of 'text'"),
     ("both fields", {"text": "a", "texts": ["b"]}, 422, "give exactly one of 'text'"),
     ("mistyped", {"text": 3}, 422, "text: Input should be a valid string"),

@@ -13,7 +13,7 @@ import binascii
 import io
 from typing import Any, ClassVar
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, PrivateAttr, model_validator
 
 from tunelab.deploy.inputs import IMAGE_ERRORS
@@ -80,7 +80,8 @@ def decode_image(data: str, where: str) -> Image.Image:
     except IMAGE_ERRORS as e:
         if isinstance(e, ValueError) and str(e).startswith(where):
             raise
-        raise ValueError(f"{where} does not decode as an image ({e}; expected a PNG, JPEG or other image "
+        why = "not a known image format" if isinstance(e, UnidentifiedImageError) else str(e)
+        raise ValueError(f"{where} does not decode as an image ({why}; expected a PNG, JPEG or other image "
                          "file, base64-encoded)") from None
 
 

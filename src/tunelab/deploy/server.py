@@ -30,17 +30,20 @@ from tunelab.deploy.requests import ImageRequest, TextRequest
 log = logging.getLogger("tunelab.serve")
 
 
-def one_line(errors: list[dict]) -> str:
+def one_line(errors: list[dict], fields: str) -> str:
     """FastAPI's validation errors as `where: what` parts (never the submitted input itself)."""
     parts = []
     for e in errors:
         where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
         msg = str(e.get("msg", "")).removeprefix("Value error, ")
+        if e.get("type") == "extra_forbidden":
+            msg = f"unknown field (expected {fields})"
         parts.append(f"{where}: {msg}" if where and not msg.startswith("'") else msg)
     return "; ".join(parts)
 
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    fields = getattr(request.app.state, "fields", "the fields of the request model")
     errors = list(exc.errors())
     bad_json = any(e.get("type") == "json_invalid" for e in errors)
     not_object = any(e.get("type") == "model_attributes_type" and tuple(e.get("loc", ())) == ("body",)
@@ -51,7 +54,7 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
         message = ("body is not a JSON object (expected a JSON object such as {\"text\": \"...\"}, sent with "
                    "Content-Type: application/json)")
     else:
-        message = one_line(errors)
+        message = one_line(errors, fields)
     detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg")), "type": e.get("type")} for e in errors]
     return JSONResponse({"error": message, "detail": detail}, status_code=400 if bad_json else 422)
 
@@ -215,6 +218,7 @@ def build(model: str, modality: str, card: dict, cfg: Any) -> Server:
                                                                "log_requests": cfg.log_requests})],
                     fast_queue=cfg.fast_queue)
     server.app.add_exception_handler(RequestValidationError, validation_error)
+    server.app.state.fields = "'image' or 'images'" if modality == "image" else "'text' or 'texts'"
     return server
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, compose_cfg, run_cli
+from conftest import CACHE, FAST, compose_cfg, run_cli
 
 from tunelab.data.prompts import PromptCollator
 from tunelab.errors import TunelabError
@@ -121,7 +121,7 @@ def test_templates_need_one_text_and_one_mask_slot(template: str, message: str) 
 
 def test_a_verbalizer_word_of_several_tokens_is_named(tiny_hf_dir: Path, tokenizer) -> None:
     lm = TextModel("masked_lm", tokenizer=tokenizer, pretrained=str(tiny_hf_dir))
-    with pytest.raises(TunelabError, match=r"task.verbalizer.positive: 'goodness' is \d token"):
+    with pytest.raises(TunelabError, match=r"task.verbalizer.positive: 'goodness' is \d tokens"):
         PromptClassifier(lm, tokenizer, [TEMPLATE], {"negative": ["bad"], "positive": ["goodness"]}, LABELS, 32)
     with pytest.raises(TunelabError, match=r"labels \['positive'\] have no words"):
         PromptClassifier(lm, tokenizer, [TEMPLATE], {"negative": ["bad"]}, LABELS, 32)
@@ -158,7 +158,8 @@ def test_prompt_run_exports_a_classifier_that_reproduces_its_test_accuracy(tiny_
     metrics = json.loads((run / "metrics.json").read_text())["metrics"]
     loaded = artifacts.load(run)
     assert loaded.kind == "prompt-classifier"
-    rows = [json.loads(line) for line in open(tmp_path / ".cache" / "data" / "reviews" / "all" / "test.jsonl")]
+    test_file = CACHE / "data" / "reviews" / "all" / "test.jsonl"
+    rows = [json.loads(line) for line in test_file.read_text().splitlines() if line.strip()]
     correct = 0
     for i in range(0, len(rows), 64):
         chunk = rows[i:i + 64]
@@ -172,6 +173,6 @@ def test_prompt_run_exports_a_classifier_that_reproduces_its_test_accuracy(tiny_
 
 @pytest.mark.slow
 def test_a_multi_token_verbalizer_word_stops_the_run_with_exit_2(tiny_hf_dir: Path, tmp_path: Path) -> None:
-    proc = run_cli(*FAST, "task=prompt", f"model.pretrained={tiny_hf_dir}", "task.verbalizer.positive=[goodness]",
-                   cwd=tmp_path)
+    proc = run_cli(*FAST, "task=prompt", f"model.pretrained={tiny_hf_dir}", "task.verbalizer.negative=[bad]",
+                   "task.verbalizer.positive=[goodness]", cwd=tmp_path)
     assert proc.returncode == 2 and "task.verbalizer.positive: 'goodness'" in proc.stderr, proc.stderr[-2000:]

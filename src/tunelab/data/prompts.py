@@ -115,10 +115,10 @@ def word_ids(tokenizer: Any, verbalizer: Mapping[str, Sequence[str]], labels: Se
             pieces = tokenizer(f" {word}" if spaced else str(word), add_special_tokens=False)["input_ids"]
             if len(pieces) != 1 or pieces[0] == tokenizer.unk_token_id:
                 shown = tokenizer.convert_ids_to_tokens(pieces)
-                raise TunelabError(
-                    f"task.verbalizer.{label}: {word!r} is {len(pieces)} token(s) {shown} for this tokenizer (expected "
-                    "one token of its vocabulary, since the mask predicts one token; pick another word)"
-                )
+                what = (f"is {len(pieces)} tokens {shown}" if len(pieces) != 1 else
+                        f"is not in the vocabulary (it becomes {shown[0]})")
+                raise TunelabError(f"task.verbalizer.{label}: {word!r} {what} for this tokenizer (expected one token "
+                                   "of its vocabulary, since the mask predicts one token; pick another word)")
             ids.append(int(pieces[0]))
             owner.append(index)
     return ids, owner

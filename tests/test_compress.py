@@ -190,7 +190,7 @@ def compress_cfg(tmp_path: Path, text_folder: Path):
             "data.batch_size=8", "data.max_length=32"]
     quick = ["latency.repeats=2", "latency.warmup=1", "latency.batch_sizes=[1,4]", "importance.limit_batches=2"]
 
-    def make(*overrides: str, source: Path = text_folder):
+    def make(*overrides: str, source: Path = text_folder, data: list[str] = data):
         return compose([f"source={source}", *data, *quick, *overrides], tmp_path / "logs" / "compress" / "run",
                        tmp_path / "logs")
 
@@ -255,3 +255,71 @@ def test_bad_sources_fail_before_any_work(compress_cfg, tmp_path: Path, tiny_hf_
     for source, overrides, fragment in cases:
         with pytest.raises(TunelabError, match=fragment):
             run(compress_cfg(*overrides, source=source))
+
+
+# ----------------------------------------------------------------------------- slow: whole runs
+@pytest.mark.slow
+def test_the_command_line_reports_bad_input_in_one_line_and_leaves_no_run(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    (tmp_path / "empty").mkdir()
+    env = {**os.environ, "TUNELAB_LOG_DIR": str(tmp_path / "logs"), "HYDRA_FULL_ERROR": "0"}
+    for args, fragment in ((["source=" + str(tmp_path / "empty")], "holds no model"),
+                           (["prune=heads_ffn", "prune.amount=2"], "prune.amount=2"),
+                           (["prune=bogus"], "available options in 'prune'")):
+        proc = subprocess.run([sys.executable, str(ROOT / "compress.py"), *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], proc.stderr
+    assert not list((tmp_path / "logs").glob("compress/runs/*"))
+
+
+@pytest.mark.slow
+def test_a_text_run_with_onnx_exports_checks_and_measures_every_variant(compress_cfg, text_folder: Path) -> None:
+    from conftest import snapshot
+
+    from tunelab.compress.run import run
+
+    before = snapshot(text_folder)
+    result = run(compress_cfg("prune=heads_ffn", "recover=distill", "recover.epochs=1", "recover.limit_batches=2"))
+    assert snapshot(text_folder) == before
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert set(rows) == {"fp32", "pruned", "pruned+recovered", "int8 (torch)", "ONNX fp32", "ONNX int8",
+                         "pruned+int8 (ONNX)"}
+    assert rows["ONNX fp32"]["agreement"] == 1.0 and rows["ONNX int8"]["size_mb"] < rows["ONNX fp32"]["size_mb"]
+    assert any("max |logit difference|" in note for note in result["notes"])
+
+
+@pytest.mark.slow
+def test_an_image_run_prunes_channels_and_quantizes_statically(compress_cfg, image_folder: Path) -> None:
+    from conftest import snapshot
+
+    from tunelab.compress.run import run
+
+    before = snapshot(image_folder)
+    cfg = compress_cfg("prune=channels", "recover=finetune", "recover.epochs=1", "recover.limit_batches=2",
+                       "quantize.calibration_batches=2", source=image_folder, data=["data=digits"])
+    result = run(cfg)
+    assert snapshot(image_folder) == before
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert set(rows) == {"fp32", "pruned", "pruned+recovered", "ONNX fp32", "ONNX int8", "pruned+int8 (ONNX)"}
+    assert rows["pruned"]["params"] < rows["fp32"]["params"]
+    assert any("static QDQ" in note for note in result["notes"])
+    reloaded = artifacts.load(Path(cfg.paths.output_dir) / "pruned_recovered")
+    assert reloaded.kind == "pruned-classifier" and reloaded.modality == "image"
+
+
+@pytest.mark.slow
+def test_model_pruning_during_fine_tuning_exports_a_sparse_model(make_cfg) -> None:
+    from tunelab.compress import unstructured
+    from tunelab.train import run
+
+    cfg = make_cfg("callbacks=pruning", "callbacks.pruning.amount=0.4")
+    run(cfg)
+    model = artifacts.load(Path(cfg.paths.output_dir) / "model").net
+    assert abs(unstructured.sparsity(model) - 0.4) < 1e-3

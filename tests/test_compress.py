@@ -130,6 +130,20 @@ def test_pruned_heads_and_ffn_equal_the_masked_model_and_reload(text_folder: Pat
     assert torch.equal(predictions(loaded.net, [batch])[0], sliced)
 
 
+def test_an_iterative_schedule_reaches_the_same_target_in_rounds(text_folder: Path) -> None:
+    from tunelab.compress import structured
+    from tunelab.models import surgery
+
+    source = artifacts.load(text_folder)
+    rounds = []
+    model, plans = structured.prune(source.net, lambda: [text_batch(source.tokenizer, 4, 12)], heads=0.5, ffn=0.5,
+                                    layers=0, iterations=2, recover=lambda m, k: rounds.append(k) or m)
+    assert len(plans) == 2 and rounds == [1]  # recovered between the rounds, not after the last
+    shapes = surgery.layout(model.net)
+    assert sum(s["heads"] for s in shapes) == 6 and {s["ffn"] for s in shapes} == {32}
+    assert surgery.layout(source.net.net) == [{"heads": 4, "ffn": 64}] * 3  # the source is untouched
+
+
 def test_a_layer_and_uniform_ffn_pruned_folder_loads_in_plain_transformers(text_folder: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForSequenceClassification
 

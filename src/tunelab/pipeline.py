@@ -31,13 +31,22 @@ STAGES: list[tuple[str, list[str]]] = [
              *FAST]),
     ("finetune", ["train.py", "task=finetune", "model=hf", "model.pretrained=${logs}/mlm/latest",
                   "trainer.max_epochs=2", *FAST]),
-    ("distill", ["train.py", "task=distill", "model=bert_tiny", "task.cache_teacher=true", "trainer.max_epochs=3",
+    ("distill", ["train.py", "task=distill", "teacher.path=${logs}/finetune/latest", "model=bert_tiny",
+                 "task.cache_teacher=true", "trainer.max_epochs=3",
                  *FAST]),
     ("compress", ["compress.py", "source=${logs}/distill/latest", "prune=heads_ffn", "prune.amount=0.5",
                   "recover=distill", "quantize=int8", "export=onnx"]),
     ("predict", ["predict.py", "model=${logs}/compress/latest/pruned_int8", "input=${test}",
                  "output=${logs}/pipeline/predictions.jsonl"]),
 ]
+
+
+# --smoke: the same stages on a few batches each (a check that the chain runs, not a model worth keeping)
+SMOKE = {"train.py": ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=2",
+                      "trainer.limit_test_batches=2"],
+         "compress.py": ["recover.epochs=1", "recover.limit_batches=2", "recover.limit_val_batches=2",
+                         "importance.limit_batches=2", "eval.limit_batches=2", "latency.repeats=3",
+                         "quantize.calibration_batches=2"]}
 
 
 def log_dir() -> Path:
@@ -57,7 +66,7 @@ def command(args: list[str]) -> list[str]:
     return [sys.executable, str(ROOT / args[0]), *args[1:]]
 
 
-def run_stages(names: list[str]) -> dict[str, float]:
+def run_stages(names: list[str], smoke: bool = False) -> dict[str, float]:
     """Run the stages in order; stop at the first that fails (or whose tool does not exist)."""
     seconds = {}
     for name, args in STAGES:
@@ -67,7 +76,7 @@ def run_stages(names: list[str]) -> dict[str, float]:
             sys.exit(f"pipeline: stage {name} needs {args[0]}, which this checkout does not have; stopping before it")
         print(f"\n=== {name}: {' '.join(args)}", flush=True)
         start = time.perf_counter()
-        proc = subprocess.run(command(args), cwd=ROOT)
+        proc = subprocess.run(command(args) + (SMOKE.get(args[0], []) if smoke else []), cwd=ROOT)
         seconds[name] = time.perf_counter() - start
         if proc.returncode != 0:
             sys.exit(f"pipeline: stage {name} failed (exit {proc.returncode}); the stages before it are in {log_dir()}")
@@ -149,8 +158,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--summary", action="store_true", help="only the table, for the models already there")
     parser.add_argument("--stages", default=",".join(n for n, _ in STAGES), help="comma-separated subset")
+    parser.add_argument("--smoke", action="store_true", help="a few batches per stage: check that the chain runs")
     args = parser.parse_args()
-    seconds = {} if args.summary else run_stages(args.stages.split(","))
+    seconds = {} if args.summary else run_stages(args.stages.split(","), args.smoke)
     table = summary()
     if seconds:
         table += "\nstage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + \

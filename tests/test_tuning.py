@@ -111,7 +111,7 @@ def test_backbone_multiplier_and_frozen_parameters_stay_out(tiny_hf_dir: Path) -
 
 # ----------------------------------------------------------------------------- defaults that suit the model
 @pytest.mark.parametrize(("overrides", "lr"), [
-    ([], 1e-3),                                           # the from-scratch bert_tiny default run
+    ([], 5e-4),                                           # the from-scratch bert_tiny default run
     (["model.pretrained=DIR"], 5e-5),                     # a pretrained encoder, fully fine-tuned
     (["model=hf", "model.pretrained=DIR"], 5e-5),
     (["model.pretrained=DIR", "tuning=lora"], 5e-4),

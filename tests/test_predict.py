@@ -145,7 +145,7 @@ def test_csv_tsv_and_txt_inputs_with_field_options(tiny_classifier: Path, tmp_pa
 
 # ----------------------------------------------------------------------------- bad commands: before any work
 @pytest.mark.parametrize("case", ["masked_lm", "no_text_field", "inside_model", "inside_run", "not_jsonl",
-                                  "folder_for_text", "missing_input", "backend"])
+                                  "folder_for_text", "missing_input", "backend", "compress_run"])
 def test_bad_commands_fail_before_any_work(case: str, tiny_classifier: Path, tiny_hf_dir: Path,
                                            tmp_path: Path) -> None:
     good = write_jsonl(tmp_path / "in.jsonl", [{"text": "the film"}])
@@ -167,6 +167,12 @@ def test_bad_commands_fail_before_any_work(case: str, tiny_classifier: Path, tin
         source, expected = tmp_path / "nope.jsonl", "input: not found"
     elif case == "backend":
         extra, expected = {"backend": "onnxruntime"}, "holds no ONNX graph"
+    elif case == "compress_run":
+        for variant in ("int8", "onnx_int8"):
+            (tmp_path / "run" / variant).mkdir(parents=True)
+            (tmp_path / "run" / variant / "tunelab.json").write_text("{}")
+        model = tmp_path / "run"
+        expected = f"is a compression run, not a model folder (expected one of its variants: model={model}/int8, "
     before, model_before = snapshot(tmp_path), snapshot(tiny_classifier.parent)
     with pytest.raises(TunelabError, match=None) as info:
         predict(model, source, output, **extra)

@@ -51,6 +51,19 @@ def fields(cfg: DictConfig) -> Fields:
 
 
 # ----------------------------------------------------------------------------- where things go
+def model_folder(source: str) -> Path:
+    """The model folder behind `model=`; a compression run (folders of variants, no model/) names its variants."""
+    try:
+        return artifacts.model_dir(source, "model")
+    except TunelabError:
+        folder = Path(source).expanduser()
+        variants = sorted(p.name for p in folder.glob("*/") if (p / artifacts.CARD).is_file()) if folder.is_dir() else []
+        if not variants:
+            raise
+        raise TunelabError(f"model: {folder} is a compression run, not a model folder (expected one of its variants: "
+                           f"{', '.join(f'model={folder}/{v}' for v in variants)})") from None
+
+
 def protected(model: Path) -> Path:
     """What a prediction must never write into: the model folder, or its whole run folder."""
     run = model.parent
@@ -174,7 +187,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
     check_rules(cfg, RULES)
-    model = artifacts.model_dir(cfg.model, "model")
+    model = model_folder(str(cfg.model))
     artifact = artifacts.load(model, kinds=classifier_kinds(), role="model")
     source = check_input(str(cfg.input), artifact.modality)
     out_path, err_path = check_output(str(cfg.output), cfg.errors, model, source)

@@ -255,11 +255,11 @@ def run(cfg: Any) -> int:
     """Check the config and the model in this process (bad input: an error before anything starts), then
     serve until stopped; returns the exit code."""
     from tunelab import artifacts
-    from tunelab.deploy.predict import check_rules, classifier_kinds
+    from tunelab.deploy.predict import check_rules, classifier_kinds, model_folder
     from tunelab.deploy.predictor import Predictor
 
     check_rules(cfg, rules())
-    model = artifacts.model_dir(cfg.model, "model")
+    model = model_folder(str(cfg.model))
     predictor = Predictor(artifacts.load(model, kinds=classifier_kinds(), role="model"), cfg.backend,
                           cfg.threads)  # what the worker will load: fails here, before anything starts
     card = {**predictor.card, "labels": predictor.labels, "source": str(model), "backend": predictor.backend}

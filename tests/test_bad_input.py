@@ -102,9 +102,9 @@ CASES = {
     "negative test fraction": in_process(
         "data=text_files", "data.train_file={data}/good.jsonl", "data.test_fraction=-0.1",
         fragments=("data.test_fraction=-0.1",)),
-    "zero limit_train": in_process("+data.limit_train=0", fragments=("data.limit_train=0",)),
+    "zero limit_train": in_process("data.limit_train=0", fragments=("data.limit_train=0",)),
     "negative limit_train_per_class": in_process(
-        "+data.limit_train_per_class=-2", fragments=("data.limit_train_per_class=-2",)),
+        "data.limit_train_per_class=-2", fragments=("data.limit_train_per_class=-2",)),
     "one label given": in_process(
         "data.labels=[x]", fragments=("data.labels=['x']", "at least two distinct labels")),
     "zero epochs": in_process(

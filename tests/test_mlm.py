@@ -459,7 +459,7 @@ def test_limit_train_per_class(make_cfg, tmp_path: Path) -> None:
     path = tmp_path / "labelled.jsonl"
     rows = [{"text": t, "label": lab} for t, lab in zip(corpus(300), ["a", "b", "c"] * 100, strict=True)]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    limited = instantiate(make_cfg("data=text_files", f"data.train_file={path}", "+data.limit_train_per_class=7").data)
+    limited = instantiate(make_cfg("data=text_files", f"data.train_file={path}", "data.limit_train_per_class=7").data)
     full = instantiate(make_cfg("data=text_files", f"data.train_file={path}").data)
     limited.setup("fit")
     full.setup("fit")

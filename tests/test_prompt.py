@@ -151,7 +151,7 @@ def test_prompt_run_exports_a_classifier_that_reproduces_its_test_accuracy(tiny_
     from tunelab import artifacts
 
     words = ["task.verbalizer.negative=[bad]", "task.verbalizer.positive=[good]", "task.templates=['{text} the film is {mask}']"]
-    proc = run_cli(*FAST, "task=prompt", f"model.pretrained={tiny_hf_dir}", *words, "+data.limit_train_per_class=8",
+    proc = run_cli(*FAST, "task=prompt", f"model.pretrained={tiny_hf_dir}", *words, "data.limit_train_per_class=8",
                    "trainer.limit_test_batches=null", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = (tmp_path / "logs" / "prompt" / "latest").resolve()

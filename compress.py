@@ -10,7 +10,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from train import report_bad_input
+from tunelab.cli import report_bad_input
 from tunelab.compress.config import SEARCHPATH
 from tunelab.errors import TunelabError
 from tunelab.runs import abandon

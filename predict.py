@@ -9,7 +9,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from train import report_bad_input
+from tunelab.cli import report_bad_input
 from tunelab.errors import TunelabError
 
 

@@ -212,7 +212,7 @@ def test_sigterm_lets_in_flight_requests_finish(server: Served) -> None:
         response = conn.getresponse()
         results.append((response.status, json.loads(response.read())))
 
-    workers = server.workers()
+    workers = [psutil.Process(pid) for pid in server.workers()]  # Process objects: a reused pid is not them
     threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
     for t in threads:
         t.start()
@@ -223,7 +223,8 @@ def test_sigterm_lets_in_flight_requests_finish(server: Served) -> None:
         t.join(60)
     assert [status for status, _ in results] == [200, 200, 200]
     assert server.proc.wait(60) == 0
-    assert not [p for p in workers if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    _, alive = psutil.wait_procs(workers, timeout=15)  # children may finish their exit just after the parent
+    assert not [p.pid for p in alive if p.status() != psutil.STATUS_ZOMBIE]
     assert "Traceback" not in server.log.read_text()
 
 

@@ -176,3 +176,14 @@ def test_a_failed_start_leaves_no_run_folder(reference, tmp_path: Path) -> None:
     proc = train(tmp_path, "data=text_files", f"data.train_file={tmp_path / 'missing.jsonl'}")
     assert proc.returncode == 2 and "file not found" in proc.stderr
     assert runs_of(tmp_path, "finetune") == []
+
+
+def test_epoch_order_takes_any_64_bit_seed() -> None:
+    """An unseeded process's initial seed is any 64-bit number; the order still depends on (seed, epoch)."""
+    from tunelab.data.base import EpochShuffle
+
+    seed = 2**64 - 5
+    first, again = EpochShuffle(100, seed), EpochShuffle(100, seed)
+    assert list(first) == list(again) and sorted(first) == list(range(100))
+    again.set_epoch(1)
+    assert list(again) != list(first)

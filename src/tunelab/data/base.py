@@ -43,7 +43,8 @@ class EpochShuffle(Sampler[int]):
         return self.size
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        # within a signed 64-bit seed: an unseeded process's initial seed times the multiplier overflows it
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % (1 << 63))
         order = torch.randperm(self.size, generator=generator).tolist()
         self.yielded, self._skip = self._skip, 0
         for index in order[self.yielded:]:
@@ -66,7 +67,7 @@ def train_loader(dataset: Dataset, stream: int = 0, **kwargs: Any) -> StatefulDa
     checkpoint. The order comes from the run's seed (plus `stream` for a second loader of the same run)
     and the epoch, and the workers' seeds from the loader's own generator: neither takes a number from
     the global RNG, whose state the checkpoint restores exactly."""
-    seed = torch.initial_seed() + stream
+    seed = (torch.initial_seed() + stream) % (1 << 63)
     return StatefulDataLoader(dataset, sampler=EpochShuffle(len(dataset), seed),
                               generator=torch.Generator().manual_seed(seed), **kwargs)
 

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from safetensors.torch import load_file, save_file
@@ -163,29 +164,30 @@ def test_masked_lm_folder_reproduces_masked_token_accuracy(make_cfg) -> None:
     assert abs(accuracy - metrics["test/acc"]) <= 0.005
 
 
-@pytest.mark.slow
-def test_distilled_student_folder_reproduces_test_accuracy(make_cfg, tmp_path: Path) -> None:
-    teacher_cfg = make_cfg()
-    teacher, _, _ = finished(teacher_cfg)
-    cfg = make_cfg("task=distill", f"teacher.path={teacher}", *FULL_TEST)
+def distilled(make_cfg, tmp_path: Path, teacher: list[str], student: list[str], kind: str) -> tuple[Path, dict, Any]:
+    """A student distilled from a teacher trained here; its card names the teacher with its weights' hash."""
+    teacher_model, _, _ = finished(make_cfg(*teacher))
+    cfg = make_cfg(*student, f"teacher.path={teacher_model}", *FULL_TEST)
     cfg.paths.output_dir = str(tmp_path / "student")
     model, metrics, card = finished(cfg)
-    check_card(card, "distill", artifacts.TEXT_CLASSIFIER, metrics)
+    check_card(card, "distill", kind, metrics)
     [parent] = [p for p in card["parents"] if p["role"] == "teacher"]
-    assert parent["sha256"] == artifacts.weights_digest(teacher)
+    assert parent["sha256"] == artifacts.weights_digest(teacher_model)
+    return model, metrics, cfg
+
+
+@pytest.mark.slow
+def test_distilled_student_folder_reproduces_test_accuracy(make_cfg, tmp_path: Path) -> None:
+    model, metrics, cfg = distilled(make_cfg, tmp_path, [], ["task=distill"], artifacts.TEXT_CLASSIFIER)
     accuracy = plain_accuracy(TEXT_SCRIPT, str(model), cfg.data.test_file, "")
     assert abs(accuracy - metrics["test/acc"]) <= 0.005
 
 
 @pytest.mark.slow
 def test_distilled_image_student_folder_reproduces_test_accuracy(make_cfg, tmp_path: Path) -> None:
-    teacher, _, _ = finished(make_cfg("data=digits", "model=timm", "model.name=resnet18"))
-    cfg = make_cfg("experiment=digits_distill", f"teacher.path={teacher}", "data.model_name=resnet18", *FULL_TEST)
-    cfg.paths.output_dir = str(tmp_path / "student")
-    model, metrics, card = finished(cfg)
-    check_card(card, "distill", artifacts.IMAGE_CLASSIFIER, metrics)
-    [parent] = [p for p in card["parents"] if p["role"] == "teacher"]
-    assert parent["sha256"] == artifacts.weights_digest(teacher)
+    model, metrics, cfg = distilled(make_cfg, tmp_path, ["data=digits", "model=timm", "model.name=resnet18"],
+                                    ["experiment=digits_distill", "data.model_name=resnet18"],
+                                    artifacts.IMAGE_CLASSIFIER)
     accuracy = plain_accuracy(IMAGE_SCRIPT, str(model), str(Path(cfg.data.root) / "test"))
     assert abs(accuracy - metrics["test/acc"]) <= 0.005
 

@@ -57,9 +57,9 @@ def model_folder(work: Path) -> Path:
 
 
 def texts() -> list[str]:
-    from tunelab.data.embedded import ensure
+    from tunelab.data.embedded import reviews_test
 
-    path = ensure("reviews", ROOT / ".cache" / "data") / "all" / "test.jsonl"
+    path = reviews_test(ROOT / ".cache")
     records = [json.loads(line)["text"] for line in path.read_text().splitlines()]
     return records[: CLIENTS * REQUESTS]
 

@@ -27,7 +27,7 @@ _GENERATORS: dict[str, tuple[Callable[[Path], None], str]] = {
 }
 NAMES = tuple(_GENERATORS)
 
-__all__ = ["MARKER", "NAMES", "ensure"]
+__all__ = ["MARKER", "NAMES", "ensure", "reviews_test"]
 
 
 def ensure(name: str, root: str | Path) -> Path:
@@ -55,6 +55,13 @@ def ensure(name: str, root: str | Path) -> Path:
         if not installed:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def reviews_test(cache_dir: str | Path = ".cache") -> Path:
+    """The embedded reviews' test split in the project's cache (`TUNELAB_CACHE_DIR` if set, else `cache_dir`):
+    what the tools outside a Hydra run (the pipeline's table, the benchmarks) measure on."""
+    cache = Path(os.environ.get("TUNELAB_CACHE_DIR", cache_dir)) / "data"
+    return ensure("reviews", cache) / "all" / "test.jsonl"
 
 
 def _sweep_abandoned(target: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import lightning as L
@@ -443,3 +444,21 @@ def test_distill_optuna_search(tmp_path: Path, text_data: Path, hf_teacher: Path
     value = check_one_trial_search("distill_optuna", "distill", *FAST, *text_args(text_data, hf_teacher),
                                    cwd=tmp_path)
     assert 0 <= value <= 1
+
+
+def test_half_built_caches_of_killed_processes_are_swept_and_live_ones_kept(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+
+    from tunelab.data.teacher_cache import sweep_abandoned
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    killed = tmp_path / f".building-{host}-{dead.pid}-abc"
+    live = tmp_path / f".building-{host}-{os.getppid()}-def"  # a live process: another run building now
+    other_host = tmp_path / f".building-elsewhere-{dead.pid}-ghi"  # a process of another machine
+    for folder in (killed, live, other_host):
+        folder.mkdir()
+    sweep_abandoned(tmp_path)
+    assert not killed.exists() and live.is_dir() and other_host.is_dir()

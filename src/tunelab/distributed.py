@@ -31,6 +31,7 @@ from lightning.fabric.strategies.launchers import subprocess_script as fabric_la
 from lightning.pytorch.strategies.launchers import subprocess_script as trainer_launcher
 from torch import nn
 
+from tunelab import processes
 from tunelab.errors import TunelabError
 
 log = logging.getLogger("tunelab")
@@ -133,17 +134,6 @@ def _set_pdeathsig() -> bool:
         return False
 
 
-def _pid_alive(pid: int) -> bool:
-    """POSIX: whether `pid` exists (possibly owned by another user)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _die(parent_pid: int) -> None:
     """Leave at once: no atexit handlers, no waiting on collectives whose other ranks are gone."""
     with suppress(OSError):  # stderr may be a pipe nobody reads any more
@@ -198,11 +188,11 @@ def guard_parent(parent_pid: int, *, pdeathsig: bool = True, interval: float = 0
         if pdeathsig:
             _set_pdeathsig()
         direct = os.getppid() == parent_pid  # read after PR_SET_PDEATHSIG: no gap for the parent to die in
-        if not direct and not _pid_alive(parent_pid):
+        if not direct and not processes.alive(parent_pid):
             _die(parent_pid)
 
         def watch() -> None:
-            while (os.getppid() == parent_pid) if direct else _pid_alive(parent_pid):
+            while (os.getppid() == parent_pid) if direct else processes.alive(parent_pid):
                 time.sleep(interval)
             _die(parent_pid)
 

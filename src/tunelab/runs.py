@@ -25,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from tunelab import processes
 from tunelab.errors import TunelabError
 
 STATUS, LOCK, LAST = "status.json", ".lock", "checkpoints/last.ckpt"
@@ -214,12 +215,4 @@ def point_latest(target: Path, link: Path) -> None:
 
 def _alive(pid: str) -> bool:
     """Whether process `pid` (a string, from a file name) exists; this process counts as not alive."""
-    if not pid.isdigit() or int(pid) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid != str(os.getpid()) and processes.alive(pid)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from tunelab import processes
 from tunelab.contracts import ATTENTION_MASK, INDEX, INPUT_IDS, PIXEL_VALUES, Layer
 from tunelab.data.base import IndexedDataset
 from tunelab.errors import TunelabError
@@ -105,6 +107,15 @@ def load_or_build(teacher: Any, dataset: Dataset, collate_fn: Callable | None, b
     return TeacherCache(folder)
 
 
+def sweep_abandoned(parent: Path) -> None:
+    """Remove the half-built caches of processes on this machine that were killed while building them."""
+    prefix = f".building-{socket.gethostname()}-"
+    for tmp in parent.glob(f"{prefix}*"):
+        pid = tmp.name[len(prefix):].split("-", 1)[0]
+        if pid != str(os.getpid()) and not processes.alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _build(teacher: Any, dataset: Dataset, collate_fn: Callable | None, batch_size: int,
            layers: Sequence[Layer], folder: Path) -> None:
     """Run the teacher over the split in order and write each output into its memory map; publish atomically."""
@@ -113,7 +124,8 @@ def _build(teacher: Any, dataset: Dataset, collate_fn: Callable | None, batch_si
     seq_len = max(len(dataset[i][INPUT_IDS]) for i in range(n)) if text and any(
         layer != "features" for layer in layers) else 0
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".building-"))
+    sweep_abandoned(folder.parent)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".building-{socket.gethostname()}-{os.getpid()}-"))
     try:
         shapes = {"logits": ((n, teacher.num_classes), np.float32)}
         for layer in layers:

@@ -1,0 +1,19 @@
+"""Whether a process still runs: how leftovers of killed processes (temporary files, half-made links,
+caches being built) are told from the work of live ones."""
+
+from __future__ import annotations
+
+import os
+
+
+def alive(pid: int | str) -> bool:
+    """POSIX: whether process `pid` exists on this machine (possibly owned by another user)."""
+    if isinstance(pid, str) and not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -35,7 +35,7 @@ STAGES: list[tuple[str, list[str]]] = [
     ("finetune", ["train.py", "task=finetune", "model=hf", "model.pretrained=${logs}/mlm/latest",
                   "optimizer.lr=3e-4", "trainer.max_epochs=3", *FAST]),
     ("distill", ["train.py", "task=distill", "teacher.path=${logs}/finetune/latest", "model=bert_tiny",
-                 "task.cache_teacher=true", "trainer.max_epochs=3", *FAST]),
+                 "task.cache_teacher=true", "trainer.max_epochs=12", *FAST]),
     ("compress", ["compress.py", "source=${logs}/distill/latest", "prune=heads_ffn", "prune.amount=0.5",
                   "recover=distill", "quantize=int8", "export=onnx"]),
     ("predict", ["predict.py", "model=${logs}/compress/latest/pruned_int8", "input=${test}",

@@ -24,6 +24,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 THREADS = 1  # CPU threads of every latency figure (torch and onnxruntime)
+REPEATS, WARMUP = 100, 5  # timed and untimed batch-1 calls per model
 FAST = ["trainer.enable_progress_bar=true"]
 # (name, command, what it leaves for the next stage)
 STAGES: list[tuple[str, list[str]]] = [
@@ -114,7 +115,7 @@ def weights_mb(folder: Path) -> float:
     return sum(f.stat().st_size for f in files) / 2**20
 
 
-def measure(folder: Path, texts: list[str], labels: list[str], repeats: int = 100) -> dict[str, Any]:
+def measure(folder: Path, texts: list[str], labels: list[str]) -> dict[str, Any]:
     """Parameters, weight size, batch-1 latency (the network alone, and with tokenization), test accuracy."""
     from tunelab import artifacts
     from tunelab.deploy.predictor import Predictor, softmax
@@ -122,12 +123,12 @@ def measure(folder: Path, texts: list[str], labels: list[str], repeats: int = 10
     artifact = artifacts.load(folder)
     predictor = Predictor(artifact, "auto", THREADS)
     network, answer = [], []
-    for i, text in enumerate(texts[: repeats + 5]):
+    for i, text in enumerate(texts[: REPEATS + WARMUP]):
         start = time.perf_counter()
         feeds = predictor.encode([text])
         encoded = time.perf_counter()
         softmax(predictor.run(feeds))
-        if i >= 5:  # the first calls warm up allocators and kernels
+        if i >= WARMUP:  # the first calls warm up allocators and kernels
             network.append(time.perf_counter() - encoded)
             answer.append(time.perf_counter() - start)
     correct = 0
@@ -156,7 +157,7 @@ def summary() -> str:
                      f"{teacher['network_ms'] / m['network_ms']:.1f}x | {m['answer_ms']:.2f} | "
                      f"{teacher['answer_ms'] / m['answer_ms']:.1f}x | {m['accuracy']:.4f} | {m['backend']} |")
     final = rows[-1][2]
-    lines.append(f"\nCPU, batch 1, {THREADS} thread, median over {min(100, len(texts) - 5)} test reviews. Final vs "
+    lines.append(f"\nCPU, batch 1, {THREADS} thread, median over {min(REPEATS, len(texts) - WARMUP)} test reviews. Final vs "
                  f"teacher: {teacher['network_ms'] / final['network_ms']:.1f}x lower network latency, "
                  f"{teacher['answer_ms'] / final['answer_ms']:.1f}x with tokenization (target >= 15x); accuracy "
                  f"{100 * (final['accuracy'] - teacher['accuracy']):+.2f} points (target >= -1); test split: "

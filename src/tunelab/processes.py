@@ -17,3 +17,9 @@ def alive(pid: int | str) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def other_alive(pid: int | str) -> bool:
+    """`alive`, but this process does not count: a leftover named by our own pid is one of a dead process
+    whose pid was reused, since this process has not written it yet."""
+    return str(pid) != str(os.getpid()) and alive(pid)

@@ -204,7 +204,7 @@ def point_latest(target: Path, link: Path) -> None:
         return
     link.parent.mkdir(parents=True, exist_ok=True)
     for stale in link.parent.glob(".latest.*"):  # half-made links of processes killed while repointing
-        if stale.is_symlink() and not _alive(stale.suffix.lstrip(".")):
+        if stale.is_symlink() and not processes.other_alive(stale.suffix.lstrip(".")):
             stale.unlink(missing_ok=True)
     tmp = link.with_name(f".latest.{os.getpid()}")
     if tmp.is_symlink() or tmp.exists():
@@ -212,7 +212,3 @@ def point_latest(target: Path, link: Path) -> None:
     tmp.symlink_to(os.path.relpath(target.resolve(), link.parent.resolve()), target_is_directory=True)
     os.replace(tmp, link)
 
-
-def _alive(pid: str) -> bool:
-    """Whether process `pid` (a string, from a file name) exists; this process counts as not alive."""
-    return pid != str(os.getpid()) and processes.alive(pid)

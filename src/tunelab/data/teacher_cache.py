@@ -107,12 +107,16 @@ def load_or_build(teacher: Any, dataset: Dataset, collate_fn: Callable | None, b
     return TeacherCache(folder)
 
 
+def _building_prefix() -> str:
+    """Half-built caches are named by host and pid, so a later build can tell a killed build from a live one."""
+    return f".building-{socket.gethostname()}-"
+
+
 def sweep_abandoned(parent: Path) -> None:
     """Remove the half-built caches of processes on this machine that were killed while building them."""
-    prefix = f".building-{socket.gethostname()}-"
+    prefix = _building_prefix()
     for tmp in parent.glob(f"{prefix}*"):
-        pid = tmp.name[len(prefix):].split("-", 1)[0]
-        if pid != str(os.getpid()) and not processes.alive(pid):
+        if not processes.other_alive(tmp.name[len(prefix):].split("-", 1)[0]):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -125,7 +129,7 @@ def _build(teacher: Any, dataset: Dataset, collate_fn: Callable | None, batch_si
         layer != "features" for layer in layers) else 0
     folder.parent.mkdir(parents=True, exist_ok=True)
     sweep_abandoned(folder.parent)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".building-{socket.gethostname()}-{os.getpid()}-"))
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{_building_prefix()}{os.getpid()}-"))
     try:
         shapes = {"logits": ((n, teacher.num_classes), np.float32)}
         for layer in layers:

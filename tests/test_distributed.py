@@ -247,6 +247,7 @@ SAMPLER_SCRIPT = textwrap.dedent('''
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
+    L.seed_everything(0)  # as train.py does: every rank draws the epoch's order from the run's seed
     dm = TextDataModule(sys.argv[1], val_fraction=0, test_fraction=0, batch_size=8, cache_dir=sys.argv[3])
     dm.setup()
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,

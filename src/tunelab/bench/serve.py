@@ -1,7 +1,7 @@
 """Load test of `serve.py` on loopback: dynamic batching against batching off and a bare onnxruntime loop.
 
 The model is the ONNX int8 reviews classifier (`onnx_int8/` of the newest compression run when there is
-one, else a bert_tiny classifier on the reviews tokenizer, exported and quantized here: timing needs its
+one, else an untrained MODEL-sized classifier on the reviews tokenizer, exported and quantized here: timing needs its
 cost, not its accuracy). CLIENTS concurrent clients send REQUESTS single-text requests each; the server runs
 with batching (max_batch_size=CLIENTS) and then without (max_batch_size=1), each in a fresh process; the
 bare loop runs the same texts through the same predictor in batches of CLIENTS. The inference worker and
@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 CLIENTS, REQUESTS, THREADS = 16, 50, 1
+MODEL = "bert_mini"  # the size `make bench`'s compression part fine-tunes and quantizes
 TIMEOUTS = (0.0, 0.005)  # batch_timeout: 0 takes what is queued without waiting
 ROOT = Path(__file__).resolve().parents[3]
 
 
 def model_folder(work: Path) -> Path:
-    """The newest compression run's ONNX int8 variant, or one made here from an untrained bert_tiny."""
+    """The newest compression run's ONNX int8 variant, or one made here from an untrained MODEL-sized classifier."""
     latest = ROOT / "logs" / "compress" / "latest" / "onnx_int8"
     if (latest / "model.onnx").is_file():
         return latest
@@ -40,14 +41,12 @@ def model_folder(work: Path) -> Path:
     from tunelab.compress import onnx_export, quantize
     from tunelab.config import build as instantiate
     from tunelab.config import compose_config
-    from tunelab.models.text import TextModel
 
-    cfg = compose_config(["trainer.enable_progress_bar=false"], work / "run")
+    cfg = compose_config([f"model={MODEL}", "trainer.enable_progress_bar=false"], work / "run")
     dm = instantiate(cfg.data)
     dm.setup("fit")
     torch.manual_seed(0)
-    net = TextModel("classifier", dm.labels, dm.tokenizer, hidden_size=128, num_layers=2, num_heads=2,
-                    intermediate_size=512)
+    net = instantiate(cfg.model)("classifier", dm.labels, dm.tokenizer)
     source = artifacts.load(artifacts.save(work / "fp32", net, labels=dm.labels, tokenizer=dm.tokenizer,
                                            max_length=cfg.data.max_length))
     example = next(iter(dm.test_dataloader()))

@@ -113,3 +113,20 @@ def test_two_runs_never_share_a_folder(tmp_path: Path) -> None:
     with mp.get_context("spawn").Pool(2, maxtasksperchild=1) as pool:  # two processes, as two users would
         dirs = pool.starmap(run_dir, [(str(tmp_path), "finetune", None)] * 2)
     assert dirs[0] != dirs[1]
+
+
+@pytest.mark.parametrize(("fast_bf16", "trainer", "expected"), [
+    (False, {"accelerator": "cpu", "precision": "bf16-mixed"}, "32-true"),
+    (False, {"accelerator": "cpu", "precision": "bf16-true"}, "32-true"),
+    (True, {"accelerator": "cpu", "precision": "bf16-mixed"}, None),
+    (False, {"accelerator": "cpu", "precision": "32-true"}, None),
+    (False, {"accelerator": "gpu", "precision": "bf16-mixed"}, None),
+])
+def test_bf16_on_a_cpu_without_fast_bfloat16_trains_in_fp32(monkeypatch, fast_bf16: bool, trainer: dict,
+                                                             expected: str | None) -> None:
+    from omegaconf import OmegaConf
+
+    from tunelab.train import cpu_precision
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: fast_bf16)
+    assert cpu_precision(OmegaConf.create(trainer)) == expected

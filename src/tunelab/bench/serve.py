@@ -138,13 +138,15 @@ def served(model: Path, items: list[str], max_batch_size: int, work: Path, timeo
     return {**result, "server_errors": server_errors}
 
 
-def bare(model: Path, items: list[str]) -> float:
-    """Texts/s of the predictor alone (tokenize + onnxruntime) over the same texts, CLIENTS at a time."""
+def bare(model: Path, items: list[str], batch_size: int = CLIENTS) -> float:
+    """Texts/s of the predictor alone (tokenize + onnxruntime) over the same texts, `batch_size` at a time.
+
+    At batch 1 it bounds what batching can gain: a server cannot beat the ratio of the two bare loops."""
     from tunelab import artifacts
     from tunelab.deploy.predictor import Predictor
 
     predictor = Predictor(artifacts.load(model), "onnxruntime", THREADS)
-    batches = [items[i:i + CLIENTS] for i in range(0, len(items), CLIENTS)]
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     predictor.probabilities(batches[0])
     start = time.perf_counter()
     for batch in batches:
@@ -165,20 +167,22 @@ def main() -> dict[str, Any]:
         best = max(TIMEOUTS, key=lambda t: runs[t]["rps"])
         batched = runs[best]
         unbatched = served(model, items, 1, work)
-        loop = bare(model, items)
+        loop, loop_single = bare(model, items), bare(model, items, 1)
     print(f"serve (ONNX int8 reviews classifier {model.name}, {CLIENTS} clients x {REQUESTS} requests, "
           f"{THREADS} onnxruntime thread(s), {os.cpu_count()} CPUs):")
     for t in TIMEOUTS:
         print(line(f"batching on (max_batch_size={CLIENTS}, batch_timeout={t})", runs[t]))
     print(line("batching off (max_batch_size=1)", unbatched))
-    print(f"  bare onnxruntime loop, batch {CLIENTS}: {loop:.0f} texts/s")
+    print(f"  bare onnxruntime loop, batch {CLIENTS}: {loop:.0f} texts/s; batch 1: {loop_single:.0f} texts/s "
+          f"(batching can gain at most {loop / loop_single:.2f}x)")
     ratios = {"batched_vs_unbatched": batched["rps"] / unbatched["rps"], "batched_vs_bare": batched["rps"] / loop}
     print(f"  throughput (batch_timeout={best}): {ratios['batched_vs_unbatched']:.2f}x batching off (target >= 3), "
           f"{ratios['batched_vs_bare']:.2f}x the bare loop (target >= 0.7)")
     for r in (*runs.values(), unbatched):
         for e in (r["errors"] + r["server_errors"])[:3]:
             print(f"  error: {e}")
-    return {"batched": batched, "batch_timeout": best, "unbatched": unbatched, "bare_rps": loop, **ratios}
+    return {"batched": batched, "batch_timeout": best, "unbatched": unbatched, "bare_rps": loop,
+            "bare_single_rps": loop_single, **ratios}
 
 
 if __name__ == "__main__":

@@ -36,9 +36,9 @@ STAGES: list[tuple[str, list[str]]] = [
     ("finetune", ["train.py", "task=finetune", "model=hf", "model.pretrained=${logs}/mlm/latest",
                   "optimizer.lr=3e-4", "trainer.max_epochs=3", *FAST]),
     ("distill", ["train.py", "task=distill", "teacher.path=${logs}/finetune/latest", "model=bert_tiny",
-                 "task.cache_teacher=true", "trainer.max_epochs=12", *FAST]),
+                 "task.cache_teacher=true", "trainer.max_epochs=20", *FAST]),
     ("compress", ["compress.py", "source=${logs}/distill/latest", "prune=heads_ffn", "prune.amount=0.5",
-                  "recover=distill", "quantize=int8", "export=onnx"]),
+                  "recover=distill", "recover.epochs=4", "quantize=int8", "export=onnx"]),
     ("predict", ["predict.py", "model=${logs}/compress/latest/pruned_int8", "input=${test}",
                  "output=${logs}/pipeline/predictions.jsonl"]),
 ]

@@ -4,7 +4,7 @@ The model is the ONNX int8 reviews classifier (`onnx_int8/` of the newest compre
 one, else an untrained MODEL-sized classifier on the reviews tokenizer, exported and quantized here: timing needs its
 cost, not its accuracy). CLIENTS concurrent clients send REQUESTS single-text requests each; the server runs
 with batching (max_batch_size=CLIENTS) and then without (max_batch_size=1), each in a fresh process; the
-bare loop runs the same texts through the same predictor in batches of CLIENTS. The inference worker and
+bare loop runs the same texts through the same predictor in batches of CLIENTS, and one at a time. The inference worker and
 the bare loop use THREADS onnxruntime threads, so the ratios compare like with like.
 """
 

@@ -190,17 +190,18 @@ class Server(ls.LitServer):
         self.http_workers = super()._start_server(*args, **kwargs)
         return self.http_workers
 
-    def _stop_monitor(self) -> None:
-        """End LitServe's worker-monitoring thread before the shutdown stops the workers and the manager it
-        watches (else, waking mid-shutdown, it reports a dead worker or a traceback). Its loop reads
-        `_shutdown_event` each round: it gets a set local event, since the manager's one is in use by the main
-        thread's pending `wait()`, which this signal handler interrupts."""
+    def _perform_graceful_shutdown(self, *args: Any, **kwargs: Any) -> None:
+        """Every shutdown path (a signal, a worker that failed to load, a dead worker) ends LitServe's
+        worker-monitoring thread first: waking mid-shutdown, it would find the workers and the manager its
+        loop asks already stopped and log a dead worker or a traceback. Its loop reads `_shutdown_event` each
+        round; it gets a set local event, since the manager's one may be the main thread's pending `wait()`."""
         stopped = threading.Event()
         stopped.set()
         self._shutdown_event = stopped
         for thread in threading.enumerate():
-            if thread.name == "litserve-monitoring":
+            if thread.name == "litserve-monitoring" and thread is not threading.current_thread():
                 thread.join(timeout=self.monitor_internal + 1)
+        super()._perform_graceful_shutdown(*args, **kwargs)
 
     def drain(self, signum: int, frame: Any) -> None:
         """Stop accepting, let in-flight requests finish (uvicorn's graceful shutdown), then stop the workers."""
@@ -214,7 +215,6 @@ class Server(ls.LitServer):
                 worker.terminate()
         for worker in getattr(self, "http_workers", {}).values():
             worker.join(timeout=self.uvicorn_graceful_timeout)
-        self._stop_monitor()
         raise KeyboardInterrupt  # LitServer.run's own shutdown path: stop the inference workers and the manager
 
 

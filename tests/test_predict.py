@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -91,6 +92,39 @@ def test_text_predictions_are_the_test_steps(make_cfg, tmp_path: Path) -> None:
     assert set(first) == {"line", "label", "probability", "probabilities", "target"}
     assert first["probability"] == max(first["probabilities"].values())
     assert sum(first["probabilities"].values()) == pytest.approx(1.0)
+
+
+def test_length_groups_give_the_answers_of_one_padded_batch(tiny_classifier: Path) -> None:
+    from tunelab.deploy.predictor import Predictor, length_groups, softmax
+
+    predictor = Predictor(artifacts.load(tiny_classifier))
+    texts = [" ".join(WORDS[: 1 + (7 * i) % len(WORDS)] * (1 + i % 3)) for i in range(40)]
+    groups = length_groups([len(predictor.tokenizer(t)["input_ids"]) for t in texts])
+    assert len(groups) > 1 and sorted(i for g in groups for i in g) == list(range(len(texts)))
+    with torch.inference_mode():
+        whole = softmax(predictor.run(predictor.encode(texts)))  # every text padded to the longest
+    np.testing.assert_allclose(predictor.probabilities(texts), whole, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_group_is_padded_as_the_tokenizer_pads(tiny_classifier: Path, side: str) -> None:
+    from tunelab.deploy.predictor import Predictor
+
+    predictor = Predictor(artifacts.load(tiny_classifier))
+    predictor.tokenizer.padding_side = side
+    texts = ["good", "the film was really awful", "fine kettle"]
+    ids = [predictor.tokenizer(t)["input_ids"] for t in texts]
+    for key, value in predictor.padded(ids).items():
+        np.testing.assert_array_equal(value, predictor.encode(texts)[key])
+
+
+def test_length_groups_split_only_where_padding_costs_more_than_a_call() -> None:
+    from tunelab.deploy.predictor import length_groups
+
+    assert length_groups([]) == [] and length_groups([7] * 5) == [[0, 1, 2, 3, 4]]
+    assert length_groups([5, 40, 6, 41, 5], call_cost=16) == [[0, 4, 2], [1, 3]]
+    assert length_groups([5, 40, 6, 41, 5], call_cost=10_000) == [[0, 4, 2, 1, 3]]
+    assert [len(g) for g in length_groups([10] * 150)] == [22, 64, 64]  # at most `longest` a group
 
 
 # ----------------------------------------------------------------------------- rows it cannot take

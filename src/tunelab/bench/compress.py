@@ -4,7 +4,9 @@ Both models are trained here first, so the figures never depend on a stale model
 classifier on the embedded reviews and a ResNet-10-T on the digits. Each is then compressed by
 `compress.py`'s own run (`tunelab.compress.run`): text with half of the encoder's layers removed (the two
 least important of four) and recovered by distillation from the unpruned model; images with half the
-channels removed by torch-pruning and recovered by fine-tuning. torchao's int8 (dynamic activations, int8
+channels removed by torch-pruning and recovered by fine-tuning. The text model is also pruned unstructured
+(70% of its linear weights zeroed, no recovery) to show what sparsity alone does: nothing to dense CPU
+kernels' latency, something to the gzip size of the weights. torchao's int8 (dynamic activations, int8
 weights) of the same text model is timed eager and under `torch.compile`, for the record of why it is not
 the default. Latency is CPU at one thread (`threads=1`), as ratios to PyTorch fp32 eager measured in the
 same run.
@@ -21,11 +23,13 @@ from tunelab.config import compose_config
 
 TEXT_TRAIN = ["model=bert_mini", "trainer.max_epochs=3"]
 IMAGE_TRAIN = ["data=digits", "model=timm", "model.name=resnet10t", "trainer.max_epochs=8"]
-TEXT_COMPRESS = ["prune=layers", "prune.layers=2", "recover=distill", "recover.epochs=1", "recover.limit_batches=200",
+INT8_ONNX = ["quantize=int8", "export=onnx"]
+TEXT_COMPRESS = [*INT8_ONNX, "prune=layers", "prune.layers=2", "recover=distill", "recover.epochs=1", "recover.limit_batches=200",
                  "recover.lr=3e-4"]
-IMAGE_COMPRESS = ["prune=channels", "prune.amount=0.5", "recover=finetune", "recover.epochs=4", "recover.lr=1e-3"]
+UNSTRUCTURED = ["prune=unstructured", "prune.amount=0.7", "quantize=none", "export=none"]
+IMAGE_COMPRESS = [*INT8_ONNX, "prune=channels", "prune.amount=0.5", "recover=finetune", "recover.epochs=4", "recover.lr=1e-3"]
 QUIET = ["logger=none", "callbacks=none", "trainer.enable_progress_bar=false"]
-COMMON = ["threads=1", "latency.repeats=50", "latency.warmup=5", "quantize=int8", "export=onnx"]
+COMMON = ["threads=1", "latency.repeats=50", "latency.warmup=5"]
 
 
 def train(overrides: list[str], logs: Path, name: str) -> Path:
@@ -68,6 +72,25 @@ def summary(result: dict[str, Any], label: str) -> dict[str, float]:
               f"({loss(row):+.2f} points lost)  size {row['size_mb']:.2f} MB vs {fp32['size_mb']:.2f} MB", flush=True)
         out.update({f"{label}/{name}/b1": row["b1_speedup"], f"{label}/{name}/b32": row["b32_speedup"],
                     f"{label}/{name}/points_lost": loss(row)})
+    onnx_fp32 = rows.get("ONNX fp32")
+    if onnx_fp32 and int8 is not onnx_fp32:  # int8 against the faster fp32 backend too, not only PyTorch eager
+        ratios = {b: onnx_fp32[f"b{b}_p50_ms"] / int8[f"b{b}_p50_ms"] for b in (1, 32)}
+        print(f"compress  {label:<22} int8 vs ONNX fp32  speed-up b1 {ratios[1]:.2f}x  b32 {ratios[32]:.2f}x", flush=True)
+        out.update({f"{label}/int8_vs_onnx_fp32/b{b}": r for b, r in ratios.items()})
+    return out
+
+
+def sparsity_summary(result: dict[str, Any], label: str) -> dict[str, float]:
+    """Unstructured pruning: latency and sizes of the sparse model against the dense one (same shapes)."""
+    rows = {r["variant"]: r for r in result["rows"]}
+    fp32, sparse = rows["fp32"], rows["pruned"]
+    out = {f"{label}/unstructured/b{b}": sparse[f"b{b}_speedup"] for b in (1, 32)}
+    out[f"{label}/unstructured/gzip_ratio"] = fp32["size_gz_mb"] / sparse["size_gz_mb"]
+    print(f"compress  {label:<22} unstructured {sparse['sparsity']:.0%} sparse: speed-up b1 {out[f'{label}/unstructured/b1']:.2f}x  "
+          f"b32 {out[f'{label}/unstructured/b32']:.2f}x  size {sparse['size_mb']:.2f} MB vs {fp32['size_mb']:.2f} MB, "
+          f"gzip {sparse['size_gz_mb']:.2f} MB vs {fp32['size_gz_mb']:.2f} MB "
+          f"({out[f'{label}/unstructured/gzip_ratio']:.2f}x smaller)  acc {sparse['acc']:.4f} vs {fp32['acc']:.4f}",
+          flush=True)
     return out
 
 
@@ -116,9 +139,11 @@ def main() -> dict[str, float]:
         logs = Path(tmp) / "logs"
         text_model = train(TEXT_TRAIN, logs, "reviews_bert_mini")
         text = compress(text_model, TEXT_COMPRESS, logs, "reviews")
+        sparse = compress(text_model, UNSTRUCTURED, logs, "reviews_unstructured")
         ao = torchao_int8(text_model)
         image = compress(train(IMAGE_TRAIN, logs, "digits_resnet10t"), IMAGE_COMPRESS, logs, "digits")
-    results = {**summary(text, "reviews bert_mini"), **ao, **summary(image, "digits resnet10t")}
+    results = {**summary(text, "reviews bert_mini"), **sparsity_summary(sparse, "reviews bert_mini"), **ao,
+               **summary(image, "digits resnet10t")}
     print("compress  targets: int8 >= 3x (b1), >= 2x (b32), <= 1 point; pruned+recovered >= 1.8x, <= 2 points; "
           "pruned+int8 >= 5x; ONNX fp32 >= 1.2x at b1", flush=True)
     print(json.dumps(results), flush=True)

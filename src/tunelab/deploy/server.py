@@ -1,8 +1,8 @@
 """`python serve.py model=...`: the model behind `POST /predict`, on LitServe.
 
 LitServe runs the HTTP side (uvicorn, forked) apart from the inference worker (spawned, where the model
-lives) and batches concurrent requests for the worker (`max_batch_size`, `batch_timeout`). What this module
-adds to it:
+lives) and batches concurrent requests for the worker (`max_batch_size`, `batch_timeout`; a batch starts at
+its first request, `tunelab.deploy.batching`). What this module adds to it:
 
 - typed bodies (`requests`): FastAPI validates them in the HTTP process, and a validation error is a 400
   (not JSON) or 422 with one line naming the field, so nothing malformed reaches the worker or fails a batch;
@@ -25,6 +25,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from tunelab.deploy.batching import FirstArrivalBatchedLoop
 from tunelab.deploy.requests import ImageRequest, TextRequest
 
 log = logging.getLogger("tunelab.serve")
@@ -224,8 +225,9 @@ def build(model: str, modality: str, card: dict, cfg: Any) -> Server:
 
     Limits.max_items, Limits.max_image_bytes = cfg.max_items, cfg.max_image_bytes
     api_class = ImageAPI if modality == "image" else TextAPI
+    batching = {"loop": FirstArrivalBatchedLoop()} if cfg.max_batch_size > 1 else {}
     api = api_class(model, cfg.backend, cfg.threads, cfg.max_batch_size * cfg.max_items,
-                    max_batch_size=cfg.max_batch_size, batch_timeout=cfg.batch_timeout)
+                    max_batch_size=cfg.max_batch_size, batch_timeout=cfg.batch_timeout, **batching)
     server = Server(api, accelerator="cpu", workers_per_device=cfg.workers, timeout=cfg.timeout,
                     model_metadata=card, middlewares=[(Guard, {"max_bytes": cfg.max_body_bytes,
                                                                "log_requests": cfg.log_requests})],

@@ -95,27 +95,40 @@ def test_text_predictions_are_the_test_steps(make_cfg, tmp_path: Path) -> None:
 
 
 def test_length_groups_give_the_answers_of_one_padded_batch(tiny_classifier: Path) -> None:
-    from tunelab.deploy.predictor import Predictor, length_groups, softmax
+    from tunelab.deploy.predictor import Predictor, softmax
 
     predictor = Predictor(artifacts.load(tiny_classifier))
     texts = [" ".join(WORDS[: 1 + (7 * i) % len(WORDS)] * (1 + i % 3)) for i in range(40)]
-    groups = length_groups([len(predictor.tokenizer(t)["input_ids"]) for t in texts])
-    assert len(groups) > 1 and sorted(i for g in groups for i in g) == list(range(len(texts)))
     with torch.inference_mode():
         whole = softmax(predictor.run(predictor.encode(texts)))  # every text padded to the longest
-    np.testing.assert_allclose(predictor.probabilities(texts), whole, atol=1e-6, rtol=0)
+    run, widths = predictor.run, []
+    predictor.run = lambda batch: widths.append(batch["input_ids"].shape[1]) or run(batch)
+    np.testing.assert_allclose(predictor.probabilities(texts), whole, atol=1e-5, rtol=0)
+    assert len(widths) > 1 and len(set(widths)) > 1  # it did run groups of different widths
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_a_group_is_padded_as_the_tokenizer_pads(tiny_classifier: Path, side: str) -> None:
+def test_texts_are_padded_as_the_tokenizer_pads_them(tiny_classifier: Path, side: str) -> None:
     from tunelab.deploy.predictor import Predictor
 
     predictor = Predictor(artifacts.load(tiny_classifier))
     predictor.tokenizer.padding_side = side
+    predictor.tokenizer.pad_token = "[UNK]"  # a pad id other than 0
+    assert predictor.tokenizer.pad_token_id != 0
     texts = ["good", "the film was really awful", "fine kettle"]
-    ids = [predictor.tokenizer(t)["input_ids"] for t in texts]
-    for key, value in predictor.padded(ids).items():
-        np.testing.assert_array_equal(value, predictor.encode(texts)[key])
+    want = predictor.tokenizer(texts, padding=True, return_tensors="np")
+    for key, value in predictor.encode(texts).items():
+        np.testing.assert_array_equal(value, want[key])
+
+
+def test_a_tokenizer_without_a_padding_token_is_named(tiny_classifier: Path) -> None:
+    from tunelab.deploy.predictor import Predictor
+
+    predictor = Predictor(artifacts.load(tiny_classifier))
+    predictor.tokenizer.pad_token = None
+    assert predictor.encode(["good film"])["input_ids"].shape[0] == 1  # one text needs no padding
+    with pytest.raises(TunelabError, match="no padding token"):
+        predictor.encode(["good", "the film was really awful"])
 
 
 def test_length_groups_split_only_where_padding_costs_more_than_a_call() -> None:
@@ -124,7 +137,8 @@ def test_length_groups_split_only_where_padding_costs_more_than_a_call() -> None
     assert length_groups([]) == [] and length_groups([7] * 5) == [[0, 1, 2, 3, 4]]
     assert length_groups([5, 40, 6, 41, 5], call_cost=16) == [[0, 4, 2], [1, 3]]
     assert length_groups([5, 40, 6, 41, 5], call_cost=10_000) == [[0, 4, 2, 1, 3]]
-    assert [len(g) for g in length_groups([10] * 150)] == [22, 64, 64]  # at most `longest` a group
+    groups = length_groups([10] * 150, max_group=64)
+    assert len(groups) == 3 and max(map(len, groups)) <= 64 and sorted(sum(groups, [])) == list(range(150))
 
 
 # ----------------------------------------------------------------------------- rows it cannot take

@@ -1,8 +1,9 @@
 """Load test of `serve.py` on loopback: dynamic batching against batching off and a bare onnxruntime loop.
 
-The model is the ONNX int8 reviews classifier (`onnx_int8/` of the newest compression run when there is
-one, else an untrained MODEL-sized classifier on the reviews tokenizer, exported and quantized here: timing needs its
-cost, not its accuracy). CLIENTS concurrent clients send REQUESTS single-text requests each; the server runs
+The model is an ONNX int8 reviews classifier: an untrained MODEL-sized classifier on the reviews tokenizer,
+exported and quantized here (timing needs its cost, not its accuracy, and the figures must not depend on what
+`logs/` holds), or the folder given as `python -m tunelab.bench.serve <folder>` (e.g.
+`logs/compress/latest/onnx_int8`). CLIENTS concurrent clients send REQUESTS single-text requests each; the server runs
 with batching (max_batch_size=CLIENTS) and then without (max_batch_size=1), each in a fresh process; the
 bare loop runs the same texts through the same predictor in batches of CLIENTS, and one at a time. The inference worker and
 the bare loop use THREADS onnxruntime threads, so the ratios compare like with like.
@@ -30,10 +31,7 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 def model_folder(work: Path) -> Path:
-    """The newest compression run's ONNX int8 variant, or one made here from an untrained MODEL-sized classifier."""
-    latest = ROOT / "logs" / "compress" / "latest" / "onnx_int8"
-    if (latest / "model.onnx").is_file():
-        return latest
+    """An ONNX int8 folder made here from an untrained MODEL-sized classifier."""
     import torch
 
     from tunelab import artifacts
@@ -159,10 +157,10 @@ def line(name: str, r: dict[str, Any]) -> str:
             f"{len(r['errors'])} client errors, {len(r['server_errors'])} server errors")
 
 
-def main() -> dict[str, Any]:
+def main(folder: str | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        model, items = model_folder(work), texts()
+        model, items = Path(folder) if folder else model_folder(work), texts()
         runs = {t: served(model, items, CLIENTS, work, t) for t in TIMEOUTS}
         best = max(TIMEOUTS, key=lambda t: runs[t]["rps"])
         batched = runs[best]
@@ -189,4 +187,4 @@ def main() -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:2])

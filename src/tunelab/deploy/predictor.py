@@ -24,6 +24,7 @@ BACKENDS = ("auto", "torch", "onnxruntime")
 Backend = Callable[[dict[str, np.ndarray]], np.ndarray]  # batch -> logits
 # What one more network call costs, in padded tokens: a group is split off when it saves more padding than this.
 CALL_COST_TOKENS = 16
+MAX_GROUP = 64  # texts in one length group at most
 
 
 def is_onnx(artifact: Artifact) -> bool:
@@ -103,25 +104,30 @@ class Predictor:
         """The batch the network takes: token ids and mask (padded to the longest text), or pixel values."""
         if self.modality == "image":
             return {PIXEL_VALUES: np.stack([self.transform(image).numpy() for image in items])}
-        enc = self.tokenizer(list(items), truncation=True, max_length=self.max_length, padding=True,
-                             return_token_type_ids=False, return_tensors="np")
-        return {INPUT_IDS: enc[INPUT_IDS].astype(np.int64), ATTENTION_MASK: enc[ATTENTION_MASK].astype(np.int64)}
+        return self.padded(self.token_ids(items))
 
     def probabilities(self, items: Sequence[Any]) -> np.ndarray:
         """(n, classes) probabilities in the order of `items`; texts run in length groups (`length_groups`)."""
         if self.modality == "image":
             return softmax(self.run(self.encode(items)))
-        ids = self.tokenizer(list(items), truncation=True, max_length=self.max_length,
-                             return_token_type_ids=False, return_attention_mask=False)[INPUT_IDS]
+        ids = self.token_ids(items)
         out = np.empty((len(ids), len(self.labels)))
         for group in length_groups([len(x) for x in ids]):
             out[group] = softmax(self.run(self.padded([ids[i] for i in group])))
         return out
 
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's token ids, truncated to the card's `max_length`, unpadded."""
+        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length,
+                              return_token_type_ids=False, return_attention_mask=False)[INPUT_IDS]
+
     def padded(self, ids: list[list[int]]) -> dict[str, np.ndarray]:
         """Token ids padded to the longest of `ids` on the tokenizer's padding side, and their mask."""
-        width, left = max(map(len, ids)), self.tokenizer.padding_side == "left"
-        batch = np.full((len(ids), width), self.tokenizer.pad_token_id or 0, dtype=np.int64)
+        width, left, pad = max(map(len, ids)), self.tokenizer.padding_side == "left", self.tokenizer.pad_token_id
+        if pad is None and any(len(seq) != width for seq in ids):
+            raise TunelabError(f"model: the tokenizer of {self.source} has no padding token (expected one, to run "
+                               "texts of different lengths together)")
+        batch = np.full((len(ids), width), pad or 0, dtype=np.int64)
         mask = np.zeros((len(ids), width), dtype=np.int64)
         for row, seq in enumerate(ids):
             cols = slice(width - len(seq), width) if left else slice(0, len(seq))
@@ -138,17 +144,19 @@ class Predictor:
         return out
 
 
-def length_groups(lengths: Sequence[int], call_cost: int = CALL_COST_TOKENS, longest: int = 64) -> list[list[int]]:
-    """Indices of `lengths` split into groups of similar length that cost the least padded tokens in all.
+def length_groups(lengths: Sequence[int], call_cost: int = CALL_COST_TOKENS,
+                  max_group: int = MAX_GROUP) -> list[list[int]]:
+    """Indices of `lengths` split into groups of similar length that cost the fewest padded tokens in all.
 
     Sorted by length, a group is a run of neighbours, costing `call_cost + size * its longest`; the cheapest
-    split is a dynamic programme over the sorted order (groups of at most `longest`, so it stays linear)."""
+    split into groups of at most `max_group` is a dynamic programme over the sorted order (the cap keeps it
+    linear in the number of texts)."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    best, cut = [0] + [0] * len(order), [0] * (len(order) + 1)
+    best, cut = [0] * (len(order) + 1), [0] * (len(order) + 1)
     for end in range(1, len(order) + 1):
         width = lengths[order[end - 1]]
         best[end], cut[end] = min((best[start] + call_cost + (end - start) * width, start)
-                                  for start in range(max(0, end - longest), end))
+                                  for start in range(max(0, end - max_group), end))
     groups, end = [], len(order)
     while end:
         groups.append(order[cut[end]:end])

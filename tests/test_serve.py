@@ -1,7 +1,8 @@
-"""`serve.py`: one server per module on a free loopback port. It answers 503 until the model is loaded, then
-the same probabilities as the predictor for single and batched requests, concurrent ones too; every malformed
-request is a 4xx naming the problem while the same inference worker goes on serving; SIGTERM lets in-flight
-requests finish."""
+"""`serve.py`: a text server for the module on a free loopback port. It answers 503 until the model is loaded,
+then the same probabilities as the predictor for single and batched requests, concurrent ones too, and for
+form bodies; every malformed request is a 4xx naming the problem while the same inference worker goes on
+serving; SIGTERM lets in-flight requests finish (the last test of that server). An image server answers
+base64 JSON and multipart uploads alike."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -81,15 +83,12 @@ class Served:
         return {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
 
 
-@pytest.fixture(scope="module")
-def server(tiny_classifier: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: F811
+def launch(model: Path, tmp_path_factory: pytest.TempPathFactory, *options: str):
+    """Start `serve.py model=<model> <options>` on a free port; yield it once /health is 200, then stop it."""
     port, log = free_port(), tmp_path_factory.mktemp("serve") / "serve.log"
-    # batches of up to 4 requests, collected for 0.3 s: a request stays in flight long enough to be caught
-    # by the shutdown test
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), f"model={tiny_classifier}", f"port={port}",
-                                 "max_batch_size=4", "batch_timeout=0.3", "max_items=8", "max_body_bytes=65536",
-                                 "threads=1"], stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path_factory.mktemp("cwd"))
+        proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), f"model={model}", f"port={port}", *options],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path_factory.mktemp("cwd"))
     url, first, deadline = f"http://127.0.0.1:{port}", None, time.monotonic() + 180
     try:
         while time.monotonic() < deadline:
@@ -110,6 +109,14 @@ def server(tiny_classifier: Path, tmp_path_factory: pytest.TempPathFactory):  # 
         raise
     yield Served(proc, url, log, first)
     stop(proc)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_classifier: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: F811
+    # batches of up to 4 requests, collected for 0.3 s: a request stays in flight long enough to be caught
+    # by the shutdown test
+    yield from launch(tiny_classifier, tmp_path_factory, "max_batch_size=4", "batch_timeout=0.3", "max_items=8",
+                      "max_body_bytes=65536", "threads=1")
 
 
 def expected(folder: Path, texts: list[str]) -> list[dict]:
@@ -199,6 +206,28 @@ def test_requests_are_logged_with_their_latency(server: Served) -> None:
     assert any(" 422 " in line for line in lines)
 
 
+def test_form_fields_are_answered_as_json_ones(server: Served, tiny_classifier: Path) -> None:  # noqa: F811
+    want = expected(tiny_classifier, TEXTS)
+    body, headers = form(*(("texts", None, t.encode()) for t in TEXTS))
+    status, many = server.post(body, headers=headers)
+    assert status == 200 and all(close(g, w) for g, w in zip(many["predictions"], want, strict=True))
+    encoded = urllib.parse.urlencode({"text": TEXTS[1]}).encode()
+    status, one = server.post(encoded, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 200 and close(one, want[1])
+    body, headers = form(("txt", None, b"a"))
+    status, unknown = server.post(body, headers=headers)
+    assert status == 422 and unknown["error"] == "txt: unknown field (expected 'text' or 'texts')"
+    body, headers = form(("text", "review.txt", TEXTS[2].encode()))  # a text file upload is read as text
+    status, uploaded = server.post(body, headers=headers)
+    assert status == 200 and close(uploaded, want[2])
+    body, headers = form(("text", "review.txt", b"\xff\xfe not utf-8"))
+    status, binary = server.post(body, headers=headers)
+    assert status == 422 and "not UTF-8 text" in binary["error"]
+    status, bad = server.post(b"--nope\r\ngarbage", headers={"Content-Type": "multipart/form-data"})
+    assert status == 400 and bad["error"].startswith("form body:"), bad
+    assert server.post({"text": "still serving"})[0] == 200
+
+
 def test_sigterm_lets_in_flight_requests_finish(server: Served) -> None:
     """Runs last: stops the module's server."""
     results, sent = [], threading.Barrier(4)
@@ -229,11 +258,14 @@ def test_sigterm_lets_in_flight_requests_finish(server: Served) -> None:
 
 
 # ----------------------------------------------------------------------------- image bodies (validated in-process)
-def png(size: tuple[int, int] = (8, 8)) -> str:
+def png(size: tuple[int, int] = (8, 8), seed: int | None = None) -> str:
+    """A base64 PNG: black, or random pixels from `seed`."""
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(np.zeros((*size, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    pixels = np.zeros((*size, 3), dtype=np.uint8) if seed is None else \
+        np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
 
 
@@ -280,3 +312,75 @@ def test_bad_commands_stop_before_anything_listens(overrides: list[str], message
     with pytest.raises(TunelabError) as info:
         run(cfg)
     assert message in str(info.value)
+
+
+# ----------------------------------------------------------------------------- form bodies (multipart uploads)
+def form(*parts: tuple[str, str | None, bytes]) -> tuple[bytes, dict]:
+    """A multipart/form-data body of (name, file name or None for a plain field, content) parts."""
+    boundary, body = "tunelab-test-boundary", b""
+    for name, filename, content in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        body += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n".encode()
+        body += (b"Content-Type: application/octet-stream\r\n" if filename else b"") + b"\r\n" + content + b"\r\n"
+    return body + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def test_form_bodies_become_the_json_body_the_request_model_checks() -> None:
+    import asyncio
+
+    from tunelab.deploy.server import FormBodies
+
+    seen = {}
+
+    async def app(scope: dict, receive, send) -> None:
+        seen["headers"], seen["body"] = dict(scope["headers"]), (await receive())["body"]
+
+    body, headers = form(("images", "a.png", b"\x89PNG one"), ("images", "b.png", b"two"), ("note", None, b"hi"))
+    scope = {"type": "http", "method": "POST", "path": "/predict", "query_string": b"",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+    chunks = iter([{"type": "http.request", "body": body, "more_body": False}])
+
+    async def receive() -> dict:
+        return next(chunks)
+
+    asyncio.run(FormBodies(app)(scope, receive, None))
+    assert seen["headers"][b"content-type"] == b"application/json"
+    assert json.loads(seen["body"]) == {"images": [base64.b64encode(b"\x89PNG one").decode(),
+                                                   base64.b64encode(b"two").decode()], "note": "hi"}
+
+
+@pytest.fixture(scope="module")
+def image_server(tmp_path_factory: pytest.TempPathFactory):
+    import torch
+
+    from tunelab import artifacts
+    from tunelab.models.vision import ImageModel
+
+    torch.manual_seed(0)
+    net = ImageModel("classifier", [str(i) for i in range(10)], name="test_resnet")
+    config = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear",
+              "crop_pct": 1.0}
+    folder = artifacts.save(tmp_path_factory.mktemp("image") / "model", net.eval(), labels=net.labels,
+                            data_config=config, card={"task": "finetune"})
+    yield from launch(folder, tmp_path_factory, "max_batch_size=4", "threads=1")
+
+
+def test_images_are_answered_from_base64_json_and_from_uploads(image_server: Served) -> None:
+    from PIL import Image
+
+    from tunelab import artifacts
+    from tunelab.deploy.predictor import Predictor
+
+    files = [base64.b64decode(png((12, 9), seed)) for seed in (1, 2)]
+    source = call(f"{image_server.url}/info", method="GET")[1]["model"]["source"]
+    predictor = Predictor(artifacts.load(source), "torch", threads=1)
+    want = predictor.describe(predictor.probabilities([Image.open(io.BytesIO(f)).convert("RGB") for f in files]))
+    status, one = image_server.post({"image": base64.b64encode(files[0]).decode()})
+    assert status == 200 and close(one, want[0])
+    body, headers = form(*(("images", f"{i}.png", f) for i, f in enumerate(files)))
+    status, many = image_server.post(body, headers=headers)
+    assert status == 200 and all(close(g, w) for g, w in zip(many["predictions"], want, strict=True))
+    body, headers = form(("image", "notes.txt", b"not an image at all"))
+    status, bad = image_server.post(body, headers=headers)
+    assert status == 422 and "'image' does not decode as an image" in bad["error"], bad
+    assert image_server.post({"image": base64.b64encode(files[1]).decode()})[0] == 200

@@ -328,7 +328,7 @@ def form(*parts: tuple[str, str | None, bytes]) -> tuple[bytes, dict]:
 def test_form_bodies_become_the_json_body_the_request_model_checks() -> None:
     import asyncio
 
-    from tunelab.deploy.server import FormBodies
+    from tunelab.deploy.requests import FormBodies
 
     seen = {}
 

@@ -3,7 +3,8 @@ reaches the model, so a malformed one is a 4xx naming the field and never touche
 
 Validation runs in the HTTP process, not in the worker: a batch is formed from requests that already passed,
 so one bad request can never fail the others it would have been batched with. Limits are class attributes
-the server sets before it starts (its HTTP processes are forked from it and inherit them).
+the server sets before it starts (its HTTP processes are forked from it and inherit them). A form body (a
+multipart upload) is turned into the same JSON body first (`FormBodies`), so it passes the same checks.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 from typing import Any, ClassVar
 
+from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, PrivateAttr, model_validator
 
@@ -107,3 +110,61 @@ class ImageRequest(BaseModel):
     @property
     def single(self) -> bool:
         return self.images is None
+
+
+class FormBodies:
+    """ASGI middleware: a form body (a multipart upload, or URL-encoded fields) becomes the JSON body the typed
+    request model validates, so uploads and JSON share one check in the HTTP process. A file part is
+    base64-encoded as `{"image": ...}` expects (a text model's: read as UTF-8 text); a field named in the plural
+    (`images`, `texts`) is a list."""
+
+    LISTS = ("images", "texts")
+
+    def __init__(self, app: Any, text_files: bool = False) -> None:
+        self.app, self.text_files = app, text_files
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        kind = dict(scope.get("headers") or []).get(b"content-type", b"").split(b";")[0].strip().lower()
+        if scope["type"] != "http" or kind not in (b"multipart/form-data", b"application/x-www-form-urlencoded"):
+            return await self.app(scope, receive, send)
+        from starlette.requests import Request
+
+        request = Request(scope, receive)
+        try:
+            form = await request.form(max_files=Limits.max_items, max_fields=Limits.max_items)
+        except Exception as e:  # starlette's parser (400: malformed, too many parts) or the size limit (413)
+            status = getattr(e, "status_code", 400)
+            message = getattr(e, "detail", None) or str(e) or type(e).__name__
+            expected = "" if status == 413 else f" (expected a form of at most {Limits.max_items} parts)"
+            response = JSONResponse({"error": f"form body: {message}{expected}"}, status_code=status)
+            return await response(scope, receive, send)
+        try:
+            body = json.dumps(await self.fields(form)).encode()
+        except UnicodeDecodeError as e:
+            response = JSONResponse({"error": f"form body: an uploaded file is not UTF-8 text ({e.reason} at byte "
+                                              f"{e.start}; expected a text file)"}, status_code=422)
+            return await response(scope, receive, send)
+        finally:
+            await form.close()
+        headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        delivered = [False]
+
+        async def replay() -> dict:
+            if delivered[0]:
+                return await receive()  # what comes after the body (a disconnect)
+            delivered[0] = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app({**scope, "headers": headers}, replay, send)
+
+    async def fields(self, form: Any) -> dict[str, Any]:
+        from starlette.datastructures import UploadFile
+
+        values: dict[str, list] = {}
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                data = await value.read()
+                value = data.decode("utf-8") if self.text_files else base64.b64encode(data).decode()
+            values.setdefault(name, []).append(value)
+        return {name: v if name in self.LISTS or len(v) > 1 else v[0] for name, v in values.items()}

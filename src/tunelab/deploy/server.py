@@ -14,8 +14,6 @@ its first request, `tunelab.deploy.batching`). What this module adds to it:
 """
 
 
-import base64
-import json
 import logging
 import os
 import signal
@@ -29,7 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from tunelab.deploy.batching import FirstArrivalBatchedLoop
-from tunelab.deploy.requests import ImageRequest, TextRequest
+from tunelab.deploy.requests import FormBodies, ImageRequest, TextRequest
 
 log = logging.getLogger("tunelab.serve")
 
@@ -105,66 +103,6 @@ class Guard:
             return message
 
         return bounded
-
-
-class FormBodies:
-    """ASGI middleware: a form body (a multipart upload, or URL-encoded fields) becomes the JSON body the typed
-    request model validates, so uploads and JSON share one check in the HTTP process. A file part is
-    base64-encoded as `{"image": ...}` expects (a text model's: read as UTF-8 text); a field named in the plural
-    (`images`, `texts`) is a list."""
-
-    LISTS = ("images", "texts")
-
-    def __init__(self, app: Any, text_files: bool = False) -> None:
-        self.app, self.text_files = app, text_files
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        kind = dict(scope.get("headers") or []).get(b"content-type", b"").split(b";")[0].strip().lower()
-        if scope["type"] != "http" or kind not in (b"multipart/form-data", b"application/x-www-form-urlencoded"):
-            return await self.app(scope, receive, send)
-        from starlette.requests import Request
-
-        from tunelab.deploy.requests import Limits
-
-        request = Request(scope, receive)
-        try:
-            form = await request.form(max_files=Limits.max_items, max_fields=Limits.max_items)
-        except Exception as e:  # starlette's parser (400: malformed, too many parts) or the size limit (413)
-            status = getattr(e, "status_code", 400)
-            message = getattr(e, "detail", None) or str(e) or type(e).__name__
-            expected = "" if status == 413 else f" (expected a form of at most {Limits.max_items} parts)"
-            response = JSONResponse({"error": f"form body: {message}{expected}"}, status_code=status)
-            return await response(scope, receive, send)
-        try:
-            body = json.dumps(await self.fields(form)).encode()
-        except UnicodeDecodeError as e:
-            response = JSONResponse({"error": f"form body: an uploaded file is not UTF-8 text ({e.reason} at byte "
-                                              f"{e.start}; expected a text file)"}, status_code=422)
-            return await response(scope, receive, send)
-        finally:
-            await form.close()
-        headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
-        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        delivered = [False]
-
-        async def replay() -> dict:
-            if delivered[0]:
-                return await receive()  # what comes after the body (a disconnect)
-            delivered[0] = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app({**scope, "headers": headers}, replay, send)
-
-    async def fields(self, form: Any) -> dict[str, Any]:
-        from starlette.datastructures import UploadFile
-
-        values: dict[str, list] = {}
-        for name, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                data = await value.read()
-                value = data.decode("utf-8") if self.text_files else base64.b64encode(data).decode()
-            values.setdefault(name, []).append(value)
-        return {name: v if name in self.LISTS or len(v) > 1 else v[0] for name, v in values.items()}
 
 
 class ClassifierAPI(ls.LitAPI):

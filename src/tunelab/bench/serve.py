@@ -7,8 +7,8 @@ exported and quantized here (timing needs its cost, not its accuracy, and the fi
 server with batching (each of the BATCHED settings) and one without (max_batch_size=1), each its own process;
 the bare loop runs the same texts through the same predictor at each of those batch sizes. All of them run in
 turns, ROUNDS rounds, and each reports its median round; the best batching setting is compared with batching
-off and with the bare loop at its batch size. The inference worker and the bare loop use THREADS onnxruntime threads, so the ratios compare like
-with like.
+off and with the bare loop at its batch size. The inference worker and the bare loop use THREADS onnxruntime
+threads, so the ratios compare like with like.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def summary(rounds: list[tuple[float, list[float], list[str]]], log: Path) -> di
 def bare_round(predictor: Any, items: list[str], batch_size: int) -> float:
     """Texts/s of the predictor alone (tokenize + onnxruntime + answers) over `items`, `batch_size` at a time.
 
-    A server's worker runs this code on as many threads, so the batch-CLIENTS loop bounds its throughput."""
+    A server's worker runs this code on as many threads, so the loop at a server's batch size bounds it."""
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     start = time.perf_counter()
     for batch in batches:
@@ -153,9 +153,10 @@ def bare_round(predictor: Any, items: list[str], batch_size: int) -> float:
     return len(items) / (time.perf_counter() - start)
 
 
-def measure(model: Path, items: list[str], work: Path) -> tuple[dict[tuple, dict], dict[int, float], dict]:
+def measure(model: Path, items: list[str], work: Path) -> tuple[dict[tuple, dict], dict[int, list[float]]]:
     """Every server setting started at once (an idle server blocks, using no CPU), then ROUNDS rounds in which
-    each setting and the bare loops run in turn, so a change in machine speed hits them alike."""
+    each setting and the bare loops run in turn, so a change in machine speed hits them alike. Returns each
+    setting's summary and each bare-loop batch size's rates, round by round."""
     from tunelab import artifacts
     from tunelab.deploy.predictor import Predictor
 
@@ -177,7 +178,7 @@ def measure(model: Path, items: list[str], work: Path) -> tuple[dict[tuple, dict
         for proc, _ in servers.values():
             stop(proc)
     runs = {(size, t): summary(r, work / f"serve_{size}_{t}.log") for (size, t), r in rounds.items()}
-    return runs, {size: statistics.median(rates) for size, rates in bare.items()}, bare
+    return runs, bare
 
 
 def line(name: str, r: dict[str, Any]) -> str:
@@ -190,7 +191,8 @@ def main(folder: str | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model, items = Path(folder) if folder else model_folder(work), texts()
-        runs, bare, bare_rounds = measure(model, items, work)
+        runs, bare_rounds = measure(model, items, work)
+    bare = {size: statistics.median(rates) for size, rates in bare_rounds.items()}
     best = max(BATCHED, key=lambda setting: runs[setting]["rps"])
     batched, unbatched, loop = runs[best], runs[1, 0.0], bare[best[0]]
     print(f"serve (ONNX int8 reviews classifier {model.name}, {CLIENTS} clients x {REQUESTS} requests, {ROUNDS} "

@@ -120,7 +120,7 @@ CASES = {
         "trainer.limit_val_batches=-1", fragments=("trainer.limit_val_batches=-1",)),
     "batch fraction above one": in_process(
         "trainer.limit_test_batches=1.5", fragments=("trainer.limit_test_batches=1.5",)),
-    "label smoothing of one": in_process("task.label_smoothing=1.0", fragments=("task.label_smoothing=1.0",)),
+    "label smoothing of one": in_process("problem.label_smoothing=1.0", fragments=("problem.label_smoothing=1.0",)),
     "dropout above one": in_process(
         "model.dropout=1.5", fragments=("model.dropout=1.5 (expected a number in [0, 1))",)),
     "not a boolean": in_process(
@@ -144,11 +144,28 @@ CASES = {
         fragments=("data.tokenizer={hf} does not match model.pretrained={hf_c}", "vocab_size=")),
     "one class of text": in_process(
         "data=text_files", "data.train_file={data}/one_class.jsonl",
-        fragments=("data.train_file: found 1 class ['x'] in {data}/one_class.jsonl",
-                   "expected at least two")),
+        fragments=("data.train_file: {data}/one_class.jsonl: found 1 class ['x']", "expected at least two")),
     "one class of images": in_process(
         "data=image_folder", "data.root={data}/one_class", "model=timm", "data.image_size=16",
         fragments=("data.root: found 1 class ['a']", "expected at least two")),
+    "a score under problem=classification": in_process(
+        "data=text_files", "data.train_file={data}/scores.jsonl",
+        fragments=("{data}/scores.jsonl:1: target 0.16 is a number with a fraction", "problem=regression fits")),
+    "a label list under problem=classification": in_process(
+        "data=text_files", "data.train_file={data}/tags.jsonl",
+        fragments=("{data}/tags.jsonl:1: target ['a', 'b'] is a list", "problem=multi_label fits")),
+    "a NaN regression target": in_process(
+        "problem=regression", "data=text_files", "data.train_file={data}/nan.jsonl",
+        fragments=("{data}/nan.jsonl:3: target nan is not finite",)),
+    "an infinite regression target": via_cli(
+        "problem=regression", "data=text_files", "data.train_file={data}/inf.jsonl",
+        fragments=("{data}/inf.jsonl:2: target inf is not finite",)),
+    "a multi-label target outside data.labels": via_cli(
+        "problem=multi_label", "data=text_files", "data.train_file={data}/tags.jsonl", "data.labels=[a,b]",
+        fragments=("{data}/tags.jsonl:3: label 'z' is not in the label set", "['a', 'b']")),
+    "task=prompt with a regression problem": in_process(
+        "task=prompt", "problem=regression", "data=text_files", "data.train_file={data}/scores.jsonl",
+        "model.pretrained={hf}", fragments=("task=prompt classifies through label words", "problem=regression")),
     "record over a lower cap": in_process(
         "data=text_files", "data.train_file={data}/good.jsonl", "data.max_record_bytes=20",
         fragments=(f"{{data}}/good.jsonl:1: record of {len(json.dumps(GOOD[0]))} bytes exceeds "
@@ -182,6 +199,11 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_hf_dir: Path) -> dict[
     data = tmp_path_factory.mktemp("inputs")
     write_jsonl(data / "good.jsonl", GOOD)
     write_jsonl(data / "one_class.jsonl", [{"text": f"sample {i}", "label": "x"} for i in range(20)])
+    write_jsonl(data / "scores.jsonl", [{"text": f"sample {i}", "label": 0.16 + i} for i in range(20)])
+    write_jsonl(data / "tags.jsonl", [{"text": f"sample {i}", "label": ["a", "b"] if i != 2 else ["z"]}
+                                      for i in range(20)])
+    write_jsonl(data / "nan.jsonl", [{"text": f"sample {i}", "label": float("nan") if i == 2 else i} for i in range(20)])
+    write_jsonl(data / "inf.jsonl", [{"text": f"sample {i}", "label": float("inf") if i == 1 else i} for i in range(20)])
     write_jsonl(data / "huge.jsonl", [*GOOD[:2], HUGE, *GOOD[2:]])
     (data / "long.csv").write_text('text,label\n"fine",good\n"' + "a long line\n" * 30 + '",bad\n')
     write_images(data / "one_class", ("a",))

@@ -228,7 +228,7 @@ def test_a_run_writes_variants_and_a_report_and_leaves_the_source_unchanged(comp
     assert names == ["fp32", "pruned", "pruned+recovered", "int8 (torch)", "pruned+int8 (torch)"]
     rows = {row["variant"]: row for row in json.loads((out / "metrics.json").read_text())["rows"]}
     assert rows["pruned"]["params"] < rows["fp32"]["params"] and rows["fp32"]["agreement"] == 1.0
-    assert all(row["b1_p50_ms"] > 0 and 0 <= row["acc"] <= 1 for row in rows.values())
+    assert all(row["b1_p50_ms"] > 0 and 0 <= row["score"] <= 1 for row in rows.values())
     assert "| pruned+recovered |" in (out / "report.md").read_text()
     assert list((out / "tensorboard").glob("events.*"))
     assert (out.parent / "latest").resolve() == out.resolve()

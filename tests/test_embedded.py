@@ -120,7 +120,7 @@ def test_review_layout_and_balance(review_dir: Path) -> None:
         for split, size in SIZES.items():
             rows = read_jsonl(review_dir / domain / f"{split}.jsonl")
             assert len(rows) == size * scale
-            assert all(set(r) == {"text", "label", "domain"} for r in rows)
+            assert all(set(r) == {"text", "label", "domain", "stars", "aspects"} for r in rows)
             assert Counter(r["label"] for r in rows) == {"negative": size * scale // 2, "positive": size * scale // 2}
             assert domain == "all" or {r["domain"] for r in rows} == {domain}
         lines = (review_dir / domain / "unlabelled.txt").read_text(encoding="utf-8").splitlines()

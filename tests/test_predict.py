@@ -85,8 +85,8 @@ def test_text_predictions_are_the_test_steps(make_cfg, tmp_path: Path) -> None:
     assert [LABELS.index(r["label"]) for r in got] == logits.argmax(-1).tolist()
     probabilities = torch.tensor([[r["probabilities"][name] for name in LABELS] for r in got], dtype=torch.float64)
     torch.testing.assert_close(probabilities, logits.softmax(-1).double(), atol=1e-5, rtol=0)  # not only the argmax
-    assert summary["accuracy"] == pytest.approx(metrics["test/acc"], abs=1e-6)
-    assert summary["macro_f1"] == pytest.approx(metrics["test/f1"], abs=1e-4)
+    assert summary["acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+    assert summary["f1"] == pytest.approx(metrics["test/f1"], abs=1e-4)
     assert summary["predicted"] == summary["labelled"] == len(logits) and summary["backend"] == "torch"
     first = got[0]
     assert set(first) == {"line", "label", "probability", "probabilities", "target"}
@@ -95,15 +95,15 @@ def test_text_predictions_are_the_test_steps(make_cfg, tmp_path: Path) -> None:
 
 
 def test_length_groups_give_the_answers_of_one_padded_batch(tiny_classifier: Path) -> None:
-    from tunelab.deploy.predictor import Predictor, softmax
+    from tunelab.deploy.predictor import Predictor
 
     predictor = Predictor(artifacts.load(tiny_classifier))
     texts = [" ".join(WORDS[: 1 + (7 * i) % len(WORDS)] * (1 + i % 3)) for i in range(40)]
     with torch.inference_mode():
-        whole = softmax(predictor.run(predictor.encode(texts)))  # every text padded to the longest
+        whole = predictor.run(predictor.encode(texts))  # every text padded to the longest
     run, widths = predictor.run, []
     predictor.run = lambda batch: widths.append(batch["input_ids"].shape[1]) or run(batch)
-    np.testing.assert_allclose(predictor.probabilities(texts), whole, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(predictor.outputs(texts), whole, atol=1e-5, rtol=0)
     assert len(widths) > 1 and len(set(widths)) > 1  # it did run groups of different widths
 
 
@@ -186,7 +186,7 @@ def test_csv_tsv_and_txt_inputs_with_field_options(tiny_classifier: Path, tmp_pa
     assert predict(tiny_classifier, tmp_path / "in.tsv", tmp_path / "tsv.jsonl")["predicted"] == 1
     (tmp_path / "in.txt").write_text("the film\n\nreally poor\n" + "x" * 300 + "\n")
     summary = predict(tiny_classifier, tmp_path / "in.txt", tmp_path / "txt.jsonl", **{"data.max_record_bytes": 200})
-    assert [r["line"] for r in rows(tmp_path / "txt.jsonl")] == [1, 3] and "accuracy" not in summary
+    assert [r["line"] for r in rows(tmp_path / "txt.jsonl")] == [1, 3] and "acc" not in summary
     [error] = rows(tmp_path / "txt.errors.jsonl")
     assert error["line"] == 4 and "exceeds data.max_record_bytes=200" in error["error"]
 
@@ -322,7 +322,7 @@ def test_image_predictions_are_the_test_steps(make_cfg, tmp_path: Path) -> None:
     assert [r["path"] for r in rows(tmp_path / "torch.jsonl")] == [p for p, _ in dm.datasets["test"].base.samples]
     torch.testing.assert_close(probabilities(tmp_path / "torch.jsonl", labels), logits.softmax(-1).double(),
                                atol=1e-5, rtol=0)
-    assert summary["accuracy"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+    assert summary["acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
     fp32, _ = onnx_variants(folder / "model", next(iter(dm.test_dataloader())), tmp_path)
     assert predict(fp32, root, tmp_path / "onnx.jsonl")["backend"] == "onnxruntime"
     torch.testing.assert_close(probabilities(tmp_path / "onnx.jsonl", labels), logits.softmax(-1).double(),

@@ -83,12 +83,13 @@ class Served:
         return {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
 
 
-def launch(model: Path, tmp_path_factory: pytest.TempPathFactory, *options: str):
+def launch(model: Path, tmp_path_factory: pytest.TempPathFactory, *options: str, env: dict | None = None):
     """Start `serve.py model=<model> <options>` on a free port; yield it once /health is 200, then stop it."""
     port, log = free_port(), tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), f"model={model}", f"port={port}", *options],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path_factory.mktemp("cwd"))
+                                stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path_factory.mktemp("cwd"),
+                                env={**os.environ, **(env or {})})
     url, first, deadline = f"http://127.0.0.1:{port}", None, time.monotonic() + 180
     try:
         while time.monotonic() < deadline:
@@ -124,7 +125,7 @@ def expected(folder: Path, texts: list[str]) -> list[dict]:
     from tunelab.deploy.predictor import Predictor
 
     predictor = Predictor(artifacts.load(folder), "torch", threads=1)
-    return predictor.describe(predictor.probabilities(texts))
+    return predictor.describe(predictor.outputs(texts))
 
 
 def close(got: dict, want: dict) -> bool:
@@ -374,7 +375,7 @@ def test_images_are_answered_from_base64_json_and_from_uploads(image_server: Ser
     files = [base64.b64decode(png((12, 9), seed)) for seed in (1, 2)]
     source = call(f"{image_server.url}/info", method="GET")[1]["model"]["source"]
     predictor = Predictor(artifacts.load(source), "torch", threads=1)
-    want = predictor.describe(predictor.probabilities([Image.open(io.BytesIO(f)).convert("RGB") for f in files]))
+    want = predictor.describe(predictor.outputs([Image.open(io.BytesIO(f)).convert("RGB") for f in files]))
     status, one = image_server.post({"image": base64.b64encode(files[0]).decode()})
     assert status == 200 and close(one, want[0])
     body, headers = form(*(("images", f"{i}.png", f) for i, f in enumerate(files)))

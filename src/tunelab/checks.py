@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -213,7 +214,7 @@ RULES: tuple[tuple[str, Rule | Lazy], ...] = (
     ("model.ignore_mismatched_sizes", BOOL),
     ("model.trust_remote_code", BOOL),
     # task
-    ("task.label_smoothing", PROBABILITY),
+    ("problem.label_smoothing", PROBABILITY),
     # tuning (conf/tuning)
     ("tuning.method", choice("full", "head", "top_k", "bitfit", "lora")),
     ("tuning.k", OPTIONAL_COUNT),
@@ -361,7 +362,18 @@ def _prompt(cfg: DictConfig) -> str | None:
     return check_config(cfg)
 
 
-CROSS: tuple[Callable[[DictConfig], str | None], ...] = (_epochs, _heads, _positions, _prompt)
+def _teacher(cfg: DictConfig) -> str | None:
+    """A missing teacher folder, named by the key the user set (the data reads its tokenizer from there first)."""
+    from tunelab.folders import is_local
+
+    path = OmegaConf.select(cfg, "teacher.path", default=None)
+    if not isinstance(path, str) or not is_local(path) or Path(path).expanduser().exists():
+        return None
+    return (f"teacher.path: directory not found: {Path(path).expanduser()} (expected a run folder, a model folder "
+            "or a hub name; make a teacher with `python train.py task=finetune`)")
+
+
+CROSS: tuple[Callable[[DictConfig], str | None], ...] = (_epochs, _heads, _positions, _prompt, _teacher)
 
 
 def check_values(cfg: DictConfig) -> None:

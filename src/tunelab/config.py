@@ -72,9 +72,28 @@ def tuning_lr(scratch: float, pretrained: float, *sources: Any) -> float:
     return float(pretrained if any(s not in (None, "") for s in sources) else scratch)
 
 
+def problem_mode(monitor: str) -> str:
+    """Which way a monitored metric improves: errors and losses go down, scores go up."""
+    return "min" if str(monitor) in ("mae", "rmse", "loss") else "max"
+
+
+def distill_student() -> str:
+    """task.student's default: `model` when the command line chose the student (`model=...`, `model.x=...`), so
+    what a user asked for is what trains; else `auto` (a pretrained teacher's smaller copy, `tasks/distill.py`)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        given = HydraConfig.get().overrides.task
+    except ValueError:  # composed without Hydra's run context
+        return "auto"
+    return "model" if any(o.lstrip("+~").split("=")[0].split(".")[0] == "model" for o in given) else "auto"
+
+
 def register_resolvers() -> None:
     resolvers = (("run_dir", runs.run_dir), ("output_subdir", runs.output_subdir), ("embedded", embedded),
-                 ("cwd", os.getcwd), ("tuning_lr", tuning_lr))
+                 ("cwd", os.getcwd), ("tuning_lr", tuning_lr), ("problem_mode", problem_mode),
+                 ("problem_mode_direction", lambda m: "minimize" if problem_mode(m) == "min" else "maximize"),
+                 ("distill_student", distill_student))
     for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn, use_cache=True)

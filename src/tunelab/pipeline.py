@@ -133,7 +133,7 @@ def measure(folder: Path, texts: list[str], labels: list[str]) -> dict[str, Any]
             answer.append(time.perf_counter() - start)
     correct = 0
     for i in range(0, len(texts), 64):
-        best = predictor.probabilities(texts[i:i + 64]).argmax(-1)
+        best = predictor.outputs(texts[i:i + 64]).argmax(-1)
         correct += sum(predictor.labels[b] == y for b, y in zip(best, labels[i:i + 64], strict=True))
     return {"params": params(artifact.net), "size_mb": weights_mb(folder),
             "network_ms": 1000 * statistics.median(network), "answer_ms": 1000 * statistics.median(answer),

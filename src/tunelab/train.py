@@ -104,11 +104,14 @@ def prepared_data(cfg: DictConfig) -> Any:
 
 
 def configure_data(cfg: DictConfig, datamodule: Any) -> None:
-    """Give the DataModule what the task declares it needs (`Task.data_needs`); tasks never set it themselves."""
+    """Give the DataModule what the task declares it needs (`Task.data_needs`) and the run's problem (how its
+    targets are read); tasks never set either themselves."""
     task_class = get_object(cfg.task._target_)
     needs = task_class.data_needs(cfg.task) if hasattr(task_class, "data_needs") else set()
     if hasattr(datamodule, "with_index"):
         datamodule.with_index = "index" in needs
+    if cfg.get("problem") is not None and hasattr(datamodule, "use_problem"):
+        datamodule.use_problem(build(cfg.problem))
 
 
 @dataclass
@@ -342,7 +345,7 @@ def write_artifacts(out: Path, cfg: DictConfig, task: Any, datamodule: Any, metr
                    tokenizer=getattr(task, "tokenizer", None) or getattr(data, "tokenizer", None),
                    data_config=getattr(data, "data_config", None), max_length=getattr(data, "max_length", None),
                    packed=bool(getattr(data, "pack", False)),
-                   card=card)
+                   card=card, problem=getattr(task, "problem", None))
     adapters.save_for(task, tmp / "adapter", card)  # LoRA: the adapter alone too, in peft's format
     artifacts.write_atomic_dir(tmp, out / "model")
 

@@ -54,6 +54,7 @@ class Artifact:
     tokenizer: Any | None = None
     preprocessing: dict[str, Any] = field(default_factory=dict)
     card: dict[str, Any] = field(default_factory=dict)
+    problem: Any = None  # what the outputs mean (`tunelab.problems`): from the card, or the config's problem_type
 
     @property
     def modality(self) -> str:
@@ -154,10 +155,26 @@ def load(path: str | Path, kind: str | None = None, role: str = "model", trust_r
         raise TunelabError(f"{role}: {source} is a {what}, not a {wanted} (it holds a {found})")
     if found in LOADERS:
         module, function = LOADERS[found].split(":")
-        return getattr(importlib.import_module(module), function)(Path(source), card, config, role)
-    if found == IMAGE_CLASSIFIER:
-        return _load_timm(Path(source), card, config, role)
-    return _load_hf(source, found, card, role, trust_remote_code)
+        artifact = getattr(importlib.import_module(module), function)(Path(source), card, config, role)
+    elif found == IMAGE_CLASSIFIER:
+        artifact = _load_timm(Path(source), card, config, role)
+    else:
+        artifact = _load_hf(source, found, card, role, trust_remote_code)
+    if artifact.problem is None:
+        artifact.problem = problem_of(artifact, config)
+    return artifact
+
+
+def problem_of(artifact: Artifact, config: dict[str, Any]) -> Any:
+    """The problem a loaded model answers: its card's, or for a plain folder its config's `problem_type`; the
+    outputs are named by the card's labels, else by the config (`id2label`, timm's `label_names`)."""
+    from tunelab import problems
+
+    names = config.get("id2label") or {}
+    outputs = artifact.labels or [str(names[k]) for k in sorted(names, key=int)] or config.get("label_names")
+    if not outputs and "num_classes" in config:
+        outputs = [str(i) for i in range(int(config["num_classes"]))]
+    return problems.from_card(artifact.card, outputs, config.get("problem_type"))
 
 
 def _load_timm(folder: Path, card: dict, config: dict, role: str) -> Artifact:
@@ -206,9 +223,11 @@ def _load_hf(source: str, kind: str, card: dict, role: str, trust_remote_code: b
 
 # ----------------------------------------------------------------------------- saving
 def save(directory: str | Path, net: Any, *, labels: list[str] | None = None, tokenizer: Any | None = None,
-         data_config: dict | None = None, max_length: int | None = None, packed: bool = False, card: dict[str, Any] | None = None) -> Path:
+         data_config: dict | None = None, max_length: int | None = None, packed: bool = False,
+         card: dict[str, Any] | None = None, problem: Any = None) -> Path:
     """Write `net` (a TextModel or ImageModel) in its ecosystem's format, then its card. `packed`: the text was
-    cut into full blocks of `max_length` (masked-LM pretraining), not truncated per record."""
+    cut into full blocks of `max_length` (masked-LM pretraining), not truncated per record. `problem`: what
+    the outputs mean (recorded in the card; a masked LM has none)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if net.modality == "image":
@@ -224,6 +243,10 @@ def save(directory: str | Path, net: Any, *, labels: list[str] | None = None, to
             tokenizer.save_pretrained(directory)
         preprocessing = {"text": {"tokenizer": "." if tokenizer is not None else None, "max_length": max_length,
                                   "truncation": not packed, "packed": packed}}
+    if problem is not None:
+        from tunelab.problems import card_of
+
+        card = {**(card or {}), "problem": card_of(problem)}
     full = {"format": "tunelab-artifact", "version": 1, "kind": kind, "labels": labels,
             "preprocessing": preprocessing, **(card or {}), "versions": versions(),
             "sha256": weights_digest(directory)}

@@ -34,9 +34,11 @@ def write_card(directory: Path, kind: str, modality: str, source: Any, compressi
                weights: Path, how_to_load: str, metrics: dict | None = None) -> dict[str, Any]:
     """`tunelab.json` and a short `README.md` for a derived folder; `source` is the loaded source Artifact."""
     from tunelab.artifacts import parent, versions, weights_digest
+    from tunelab.problems import card_of
 
     card = {"format": "tunelab-artifact", "version": 1, "kind": kind, "base_kind": base_kind(modality),
             "modality": modality, "labels": source.labels, "preprocessing": source.preprocessing,
+            "problem": card_of(source.problem) if source.problem is not None else source.card.get("problem"),
             "task": "compress", "path": str(directory), "compression": compression, "metrics": metrics or {},
             "parents": [parent("source", source.card.get("path") or source.source)],
             "versions": versions(), "sha256": weights_digest(weights)}

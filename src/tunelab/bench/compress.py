@@ -60,7 +60,7 @@ def summary(result: dict[str, Any], label: str) -> dict[str, float]:
     """The issue's ratios: speed-ups over PyTorch fp32 eager and accuracy loss in points."""
     rows = {r["variant"]: r for r in result["rows"]}
     fp32 = rows["fp32"]
-    loss = lambda r: 100 * (fp32["acc"] - r["acc"])  # noqa: E731
+    loss = lambda r: 100 * (fp32["score"] - r["score"])  # noqa: E731
     int8 = best(rows, ["int8 (torch)", "ONNX int8"], "b1_speedup")
     picks = {"int8": int8, "pruned+recovered": rows.get("pruned+recovered"),
              "pruned+int8": rows.get("pruned+int8 (ONNX)"), "ONNX fp32": rows.get("ONNX fp32")}
@@ -69,7 +69,7 @@ def summary(result: dict[str, Any], label: str) -> dict[str, float]:
         if row is None:
             continue
         print(f"compress  {label:<22} {name:<17} ({row['variant']}) speed-up b1 {row['b1_speedup']:.2f}x  "
-              f"b32 {row['b32_speedup']:.2f}x  acc {row['acc']:.4f} vs fp32 {fp32['acc']:.4f} "
+              f"b32 {row['b32_speedup']:.2f}x  acc {row['score']:.4f} vs fp32 {fp32['score']:.4f} "
               f"({loss(row):+.2f} points lost)  size {row['size_mb']:.2f} MB vs {fp32['size_mb']:.2f} MB", flush=True)
         out.update({f"{label}/{name}/b1": row["b1_speedup"], f"{label}/{name}/b32": row["b32_speedup"],
                     f"{label}/{name}/points_lost": loss(row)})
@@ -88,7 +88,7 @@ def sparsity_summary(result: dict[str, Any], label: str) -> dict[str, float]:
     b1, b32, gzip = sparse["b1_speedup"], sparse["b32_speedup"], fp32["size_gz_mb"] / sparse["size_gz_mb"]
     print(f"compress  {label:<22} unstructured {sparse['sparsity']:.0%} sparse: speed-up b1 {b1:.2f}x  b32 {b32:.2f}x  "
           f"size {sparse['size_mb']:.2f} MB vs {fp32['size_mb']:.2f} MB, gzip {sparse['size_gz_mb']:.2f} MB vs "
-          f"{fp32['size_gz_mb']:.2f} MB ({gzip:.2f}x smaller)  acc {sparse['acc']:.4f} vs {fp32['acc']:.4f}", flush=True)
+          f"{fp32['size_gz_mb']:.2f} MB ({gzip:.2f}x smaller)  acc {sparse['score']:.4f} vs {fp32['score']:.4f}", flush=True)
     return {f"{label}/unstructured/b1": b1, f"{label}/unstructured/b32": b32, f"{label}/unstructured/gzip_ratio": gzip}
 
 

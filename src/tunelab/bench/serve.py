@@ -149,7 +149,7 @@ def bare_round(predictor: Any, items: list[str], batch_size: int) -> float:
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     start = time.perf_counter()
     for batch in batches:
-        predictor.describe(predictor.probabilities(batch))
+        predictor.describe(predictor.outputs(batch))
     return len(items) / (time.perf_counter() - start)
 
 
@@ -168,7 +168,7 @@ def measure(model: Path, items: list[str], work: Path) -> tuple[dict[tuple, dict
         for size, timeout in settings:
             servers[size, timeout] = start(model, size, timeout, work / f"serve_{size}_{timeout}.log")
         predictor = Predictor(artifacts.load(model), "onnxruntime", THREADS)
-        predictor.probabilities(items[:CLIENTS])
+        predictor.outputs(items[:CLIENTS])
         for _ in range(ROUNDS):
             for setting, (_, url) in servers.items():
                 rounds[setting].append(asyncio.run(load(url, items)))

@@ -40,6 +40,8 @@ def prepared(node: dict[str, Any], source: Any) -> Any:
     from tunelab.config import build
 
     datamodule = build(OmegaConf.create(node))
+    if hasattr(datamodule, "use_problem") and source.problem is not None:  # targets read as the source's
+        datamodule.use_problem(type(source.problem).from_card(source.problem.card(), source.problem.outputs))
     datamodule.prepare_data()
     datamodule.setup("fit")
     labels = getattr(datamodule, "labels", None)
@@ -73,10 +75,17 @@ def first_batch(datamodule: Any, size: int) -> dict[str, torch.Tensor]:
 
 
 def predict(net: Any, datamodule: Any, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted class ids and labels over the test split (`limit` batches at most)."""
-    preds, labels = [], []
+    """The network's outputs and the encoded targets over the test split (`limit` batches at most)."""
+    outputs, labels = [], []
     with torch.inference_mode():
         for batch in batches(datamodule, "test", limit):
-            preds.append(net(batch).logits.argmax(-1))
+            outputs.append(net(batch).logits.float())
             labels.append(batch[LABELS])
-    return torch.cat(preds), torch.cat(labels)
+    return torch.cat(outputs), torch.cat(labels)
+
+
+def score(problem: Any, outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """The problem's monitored metric of `outputs` against `targets`."""
+    metrics = problem.metrics()
+    metrics.update(*problem.metric_inputs(outputs, targets))
+    return float(metrics.compute()[problem.monitor])

@@ -10,12 +10,11 @@ tests check that slicing a model gives the masked model's logits.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tunelab.contracts import LABELS
@@ -68,9 +67,11 @@ def gated(net: nn.Module, gates: Gates) -> Iterator[Gates]:
             handle.remove()
 
 
-def importance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> Gates:
-    """Mean |gradient| of the cross-entropy on labelled `batches` w.r.t. each gate; heads normalised per
-    layer (L2), as Michel et al. do, so that layers compare. `model` is a TextModel; it is left unchanged."""
+def importance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
+               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Gates:
+    """Mean |gradient| of the problem's loss (`loss_fn(outputs, labels)`) on labelled `batches` w.r.t. each gate;
+    heads normalised per layer (L2), as Michel et al. do, so that layers compare. `model` is a TextModel; it is
+    left unchanged."""
     net = model.net
     gates = Gates.ones(net, requires_grad=True)
     scores = Gates([torch.zeros_like(g) for g in gates.heads], [torch.zeros_like(g) for g in gates.ffn],
@@ -80,7 +81,7 @@ def importance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> 
     try:
         with gated(net, gates):
             for batch in batches:
-                loss = F.cross_entropy(model(batch).logits, batch[LABELS])
+                loss = loss_fn(model(batch).logits, batch[LABELS])
                 grads = torch.autograd.grad(loss, [*gates.heads, *gates.ffn, gates.layers])
                 k = len(gates.heads)
                 for total, grad in zip([*scores.heads, *scores.ffn], grads[:2 * k], strict=True):

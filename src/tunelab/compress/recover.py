@@ -15,14 +15,17 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from tunelab.errors import TunelabError
 
 
-def student(folder: str, head: str = "classifier", labels: list[str] | None = None, tokenizer: Any = None) -> Any:
+def student(folder: str, head: str = "classifier", labels: list[str] | None = None, tokenizer: Any = None,
+            problem_type: str | None = None) -> Any:
     """The model a recovery task trains: the pruned network saved in `folder` (labels must agree)."""
     from tunelab import artifacts
 
     loaded = artifacts.load(folder, role="recover")
     if labels is not None and loaded.labels is not None and list(labels) != list(loaded.labels):
         raise TunelabError(f"recover: the data's labels {list(labels)} differ from the model's {loaded.labels}")
-    return loaded.net.train()
+    net = loaded.net.train()
+    net.fresh_head = False  # its head is trained, and outputs what the problem answers from
+    return net
 
 
 def recover(options: DictConfig, folder: Path, source: Any, datamodule: Any, data_node: dict, out: Path,
@@ -38,7 +41,7 @@ def recover(options: DictConfig, folder: Path, source: Any, datamodule: Any, dat
                  f"trainer.limit_train_batches={'null' if options.limit_batches is None else options.limit_batches}",
                  f"trainer.limit_val_batches={'null' if options.limit_val_batches is None else options.limit_val_batches}"]
     if options.method == "distill":
-        overrides += [f"teacher.path={source.source}", f"task.alpha={options.alpha}",
+        overrides += [f"teacher.path={source.source}", "task.student=model", f"task.alpha={options.alpha}",
                       f"task.temperature={options.temperature}"]
     cfg = compose_config(overrides, out, log_dir)
     with open_dict(cfg):
@@ -48,4 +51,4 @@ def recover(options: DictConfig, folder: Path, source: Any, datamodule: Any, dat
     L.seed_everything(seed, workers=True)
     built = assemble(cfg, datamodule, enable_checkpointing=False, enable_model_summary=False)
     built.trainer.fit(built.task, datamodule=datamodule)
-    return built.task.model.eval()
+    return built.task.export_model().eval()

@@ -12,7 +12,7 @@ from tunelab import runs
 WEIGHT_FILES = ("*.safetensors", "*.onnx", "*.pt", "*.bin")
 COLUMNS = [("variant", "variant", "{}"), ("params", "parameters", "{:,}"), ("size_mb", "size MB", "{:.2f}"),
            ("size_gz_mb", "gzip MB", "{:.2f}"), ("sparsity", "sparsity", "{:.1%}")]
-ACCURACY = [("acc", "test acc", "{:.4f}"), ("agreement", "agreement", "{:.4f}")]
+ACCURACY = [("score", "test {metric}", "{:.4f}"), ("agreement", "agreement", "{:.4f}")]
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -40,7 +40,7 @@ def latency_columns(batch_sizes: list[int]) -> list[tuple[str, str, str]]:
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The table, then what it was measured with and the notes."""
     columns = COLUMNS + latency_columns(meta["batch_sizes"]) + ACCURACY
-    head = "| " + " | ".join(title for _, title, _ in columns) + " |"
+    head = "| " + " | ".join(title.format(metric=meta.get("metric", "acc")) for _, title, _ in columns) + " |"
     lines = [head, "|" + " --- |" * len(columns)]
     for row in rows:
         cells = [fmt.format(row[key]) if row.get(key) is not None else "n/a" for key, _, fmt in columns]
@@ -50,8 +50,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"Latency: CPU, {meta['threads']} thread(s) (torch.set_num_threads and onnxruntime intra-op), "
             f"p50/p95 over {meta['repeats']} calls after {meta['warmup']} warm-up calls, the variants measured in turns, "
             f"on the first records of the "
-            f"test split ({meta['shapes']}); speed-up is fp32 p50 / variant p50. Accuracy on {meta['test_records']} "
-            f"test records; agreement: share of predictions equal to the fp32 model's.\n\n{notes}\n")
+            f"test split ({meta['shapes']}); speed-up is fp32 p50 / variant p50. {meta.get('metric', 'acc')} on "
+            f"{meta['test_records']} test records; agreement with the fp32 model's outputs, as the problem compares "
+            f"them (classes: the share of equal predictions).\n\n{notes}\n")
 
 
 def write(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:

@@ -56,7 +56,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         datamodule = data.prepared(node, source)
         variants, notes = make_variants(cfg, source, datamodule, node, out)
-        rows, meta = measure_all(cfg, variants, datamodule, notes)
+        rows, meta = measure_all(cfg, variants, datamodule, notes, source.problem)
         text = report.write(out, rows, meta)
         runs.finish(out)
         runs.point_latest(out, Path(cfg.paths.log_dir) / cfg.task_name / "latest")
@@ -143,7 +143,7 @@ def structured_pruning(cfg: DictConfig, source: Any, datamodule: Any, node: dict
 
     model, plans = structured.prune(source.net, lambda: data.batches(datamodule, "val", cfg.importance.limit_batches),
                                     float(p.heads), float(p.ffn), int(p.layers), int(p.iterations),
-                                    p.get("remove_heads"), between)
+                                    p.get("remove_heads"), between, source.problem.loss)
     return model
 
 
@@ -200,20 +200,23 @@ def onnx_int8(cfg: DictConfig, source: Any, base: Variant, graph: Path, datamodu
 
 
 # ----------------------------------------------------------------------------- measuring them
-def measure_all(cfg: DictConfig, variants: list[Variant], datamodule: Any, notes: list) -> tuple[list, dict]:
+def measure_all(cfg: DictConfig, variants: list[Variant], datamodule: Any, notes: list,
+                problem: Any) -> tuple[list, dict]:
+    """Each variant's monitored test metric (the problem's), its agreement with the first (fp32), sizes and
+    latencies."""
     shapes = {b: data.first_batch(datamodule, b) for b in cfg.latency.batch_sizes}
     rows: list[dict[str, Any]] = []
     reference = None
     with latency.threads(cfg.threads):
         nets = [v.net.with_threads(cfg.threads) if isinstance(v.net, onnx_kind.OnnxNet) else v.net for v in variants]
         for v, net in zip(variants, nets, strict=True):
-            preds, labels = data.predict(net, datamodule, cfg.eval.limit_batches)
-            reference = preds if reference is None else reference
+            outputs, targets = data.predict(net, datamodule, cfg.eval.limit_batches)
+            reference = outputs if reference is None else reference
             size, packed = report.sizes(v.folder)
             rows.append({"variant": v.name, "folder": str(v.folder), "params": v.params, "size_mb": size,
                          "size_gz_mb": packed, "sparsity": v.sparsity,
-                         "acc": float((preds == labels).float().mean()),
-                         "agreement": float((preds == reference).float().mean())})
+                         "score": data.score(problem, outputs, targets),
+                         "agreement": problem.agreement(outputs, reference)})
         for b, batch in shapes.items():  # every variant in turn, so load changes hit them alike
             with torch.inference_mode():
                 calls = [lambda net=net, batch=batch: net(batch) for net in nets]
@@ -222,7 +225,7 @@ def measure_all(cfg: DictConfig, variants: list[Variant], datamodule: Any, notes
                 row.update({f"b{b}_p50_ms": p50, f"b{b}_p95_ms": p95, f"b{b}_speedup": timings[0][0] / p50})
     for row in rows:
         log.info("measured %s", row)
-    meta = {"source": str(variants[0].folder), "threads": cfg.threads, "batch_sizes": list(cfg.latency.batch_sizes),
+    meta = {"source": str(variants[0].folder), "metric": problem.monitor, "threads": cfg.threads, "batch_sizes": list(cfg.latency.batch_sizes),
             "repeats": cfg.latency.repeats, "warmup": cfg.latency.warmup, "test_records": int(len(reference)),
             "shapes": ", ".join(shape(s) for s in shapes.values()),
             "notes": [*notes, quantize.torchao_note()],

@@ -19,6 +19,7 @@ from torch import nn
 from tunelab.compress import heads as importance_of
 from tunelab.errors import TunelabError
 from tunelab.models import surgery
+from tunelab.problems.classification import Classification
 
 
 @dataclass
@@ -47,10 +48,11 @@ def check_explicit_heads(net: nn.Module, remove: dict) -> dict[int, list[int]]:
 
 
 def make_plan(model: nn.Module, batches: Iterable[dict], heads: float, ffn: float, layers: int,
-              remove_heads: dict | None = None) -> Plan:
-    """Rank by gradient importance on `batches` (validation data) and pick what to remove."""
+              remove_heads: dict | None = None, loss: Callable | None = None) -> Plan:
+    """Rank by gradient importance of `loss` (the problem's; cross-entropy by default) on `batches`
+    (validation data) and pick what to remove."""
     net = model.net
-    scores = importance_of.importance(model, batches)
+    scores = importance_of.importance(model, batches, loss or Classification().loss)
     total = sum(len(s) for s in scores.heads)
     plan = Plan(check_explicit_heads(net, remove_heads) if remove_heads else
                 importance_of.least_important_heads(scores.heads, round(heads * total)))
@@ -79,7 +81,8 @@ def apply(net: nn.Module, plan: Plan) -> None:
 
 def prune(model: nn.Module, batches: Callable[[], Iterable[dict]], heads: float, ffn: float, layers: int,
           iterations: int = 1, remove_heads: dict | None = None,
-          recover: Callable[[nn.Module, int], nn.Module] | None = None) -> tuple[nn.Module, list[Plan]]:
+          recover: Callable[[nn.Module, int], nn.Module] | None = None,
+          loss: Callable | None = None) -> tuple[nn.Module, list[Plan]]:
     """A pruned copy of `model` (a TextModel). With `iterations` > 1: remove an equal share of the target
     each round, re-ranking on the smaller model and recovering (`recover(model, round)`) in between."""
     pruned = copy.deepcopy(model)
@@ -94,7 +97,7 @@ def prune(model: nn.Module, batches: Callable[[], Iterable[dict]], heads: float,
         layer_goal = round(layers * k / iterations) - (len(start) - len(done))
         with torch.enable_grad():
             plan = make_plan(pruned, batches(), max(head_share, 0.0), ffn_goal if ffn else 0.0,
-                             max(layer_goal, 0), remove_heads if k == 1 else None)
+                             max(layer_goal, 0), remove_heads if k == 1 else None, loss)
         apply(pruned.net, plan)
         plans.append(plan)
         if recover is not None and k < iterations:

@@ -95,7 +95,8 @@ class SplitDataModule(LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
-        self.labels: list[str] | None = None
+        self.labels: list[str] | None = None  # the problem's output names once set up
+        self.problem: Any = None  # what the targets are (`tunelab.problems`), given by `use_problem`
         self.datasets: dict[str, Dataset] = {}
         # set by a task that looks samples up by position (the distillation teacher cache): batches get `index`
         self.with_index = False
@@ -105,6 +106,11 @@ class SplitDataModule(LightningDataModule):
         if self.labels is None:
             raise TunelabError("num_classes asked of data without labels (or before setup)")
         return len(self.labels)
+
+    def use_problem(self, problem: Any) -> None:
+        """Read and encode targets as `problem` says; set before `setup` (a set-up DataModule keeps its own)."""
+        if not self.datasets:
+            self.problem = problem
 
     def collate_fn(self) -> Any:
         return None

@@ -109,6 +109,18 @@ class DomainPairDataModule(LightningDataModule):
         return self.source.labels
 
     @property
+    def problem(self) -> Any:
+        return self.source.problem
+
+    def use_problem(self, problem: Any) -> None:
+        """One problem type for both domains, each with its own copy: each learns its own label set from its
+        training split, and `setup` checks that the two agree."""
+        import copy
+
+        self.source.use_problem(problem)
+        self.target.use_problem(copy.deepcopy(problem))
+
+    @property
     def num_classes(self) -> int:
         return self.source.num_classes
 

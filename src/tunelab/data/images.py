@@ -113,6 +113,16 @@ class ImageFolderDataModule(SplitDataModule):
             _verify_images(folder)
         return folder
 
+    def _check_problem(self) -> None:
+        """Class folders hold one class per image: single-label classification."""
+        from tunelab.problems.classification import Classification
+
+        if self.problem is None:
+            self.problem = Classification()
+        if self.problem.name != "classification":
+            raise TunelabError(f"data.root: class folders give one class per image, not problem={self.problem.name} "
+                               "targets (expected problem=classification, or data=image_list with a target field)")
+
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
@@ -121,7 +131,9 @@ class ImageFolderDataModule(SplitDataModule):
             folders = {s: self._folder(p, f"data.root/{s}") for s, p in split_dirs.items()}
         else:
             folders = {"train": self._folder(self.root, "data.root")}
+        self._check_problem()
         self.labels = list(folders["train"].classes)
+        self.problem.fit(self.labels, "data.root", labels=self.labels)
         if len(self.labels) < 2:  # nothing to classify; torchmetrics would fail later on its arguments
             raise TunelabError(
                 f"data.root: found {len(self.labels)} class {self.labels} in {folders['train'].root} "

@@ -11,9 +11,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from tunelab.errors import TunelabError
 
@@ -22,6 +22,14 @@ TEXT_SUFFIXES = (".txt", ".text")
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 CSV_SUFFIXES = (".csv", ".tsv")
 SUFFIXES = TEXT_SUFFIXES + JSON_SUFFIXES + CSV_SUFFIXES
+LabelField = str | list[str] | tuple[str, ...] | None  # one target field, several (regression), or none
+ReadTarget = Callable[[Any, str], Any]  # a raw target and where it is -> its canonical value (the problem's)
+
+
+def as_text(value: Any, where: str) -> str:
+    """The default target reader: a class name."""
+    del where
+    return str(value)
 
 
 def check_file(path: str | Path, role: str) -> Path:
@@ -83,12 +91,14 @@ def _lines(path: Path, encoding_errors: str, max_bytes: int = MAX_RECORD_BYTES) 
 def read_records(
     path: str | Path,
     text_field: str = "text",
-    label_field: str | None = "label",
+    label_field: LabelField = "label",
     encoding_errors: str = "strict",
     extra_fields: tuple[str, ...] = (),
     max_record_bytes: int = MAX_RECORD_BYTES,
+    read_target: ReadTarget = as_text,
 ) -> Iterator[dict]:
-    """Yield `{"text", "label", "line", *extra_fields}` dicts; `label` only when `label_field` is set."""
+    """Yield `{"text", "label", "line", *extra_fields}` dicts; `label` only when `label_field` is set, as
+    `read_target` (the problem's) reads it from the field's value (a list of values for several fields)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in TEXT_SUFFIXES:
@@ -110,9 +120,10 @@ def read_records(
                 raise TunelabError(f"{path}:{lineno}: malformed JSON ({e.msg}; expected one JSON object per line)") from None
             if not isinstance(obj, dict):
                 raise TunelabError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
-            yield _record(obj, path, lineno, text_field, label_field, extra_fields)
+            yield _record(obj, path, lineno, text_field, label_field, extra_fields, read_target)
     else:
-        yield from _read_csv(path, text_field, label_field, encoding_errors, extra_fields, max_record_bytes)
+        yield from _read_csv(path, text_field, label_field, encoding_errors, extra_fields, max_record_bytes,
+                             read_target)
 
 
 def _csv_lines(path: Path, encoding_errors: str, max_bytes: int, record: dict) -> Iterator[str]:
@@ -126,8 +137,9 @@ def _csv_lines(path: Path, encoding_errors: str, max_bytes: int, record: dict) -
         yield line
 
 
-def _read_csv(path: Path, text_field: str, label_field: str | None, encoding_errors: str,
-              extra_fields: tuple[str, ...], max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[dict]:
+def _read_csv(path: Path, text_field: str, label_field: LabelField, encoding_errors: str,
+              extra_fields: tuple[str, ...], max_record_bytes: int = MAX_RECORD_BYTES,
+              read_target: ReadTarget = as_text) -> Iterator[dict]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     csv.field_size_limit(max(csv.field_size_limit(), max_record_bytes))  # the cap applies, not csv's 128 KiB
     record: dict = {}
@@ -155,11 +167,12 @@ def _read_csv(path: Path, text_field: str, label_field: str | None, encoding_err
             raise TunelabError(
                 f"{path}:{lineno}: malformed CSV row with {len(row)} fields (expected {len(header)}: {header})"
             )
-        yield _record(dict(zip(header, row, strict=True)), path, lineno, text_field, label_field, extra_fields)
+        yield _record(dict(zip(header, row, strict=True)), path, lineno, text_field, label_field, extra_fields,
+                      read_target)
 
 
-def _record(obj: dict, path: Path, lineno: int, text_field: str, label_field: str | None,
-            extra_fields: tuple[str, ...] = ()) -> dict:
+def _record(obj: dict, path: Path, lineno: int, text_field: str, label_field: LabelField,
+            extra_fields: tuple[str, ...] = (), read_target: ReadTarget = as_text) -> dict:
     text = obj.get(text_field)
     if not isinstance(text, str):
         found = sorted(obj)
@@ -168,14 +181,20 @@ def _record(obj: dict, path: Path, lineno: int, text_field: str, label_field: st
         )
     record = {"text": text, "line": lineno}
     if label_field is not None:
-        if label_field not in obj or obj[label_field] in (None, ""):
-            found = sorted(obj)
-            raise TunelabError(
-                f"{path}:{lineno}: missing label field {label_field!r} (found fields {found}; set data.label_field)"
-            )
-        record["label"] = str(obj[label_field])
+        record["label"] = read_target(target_value(obj, label_field, path, lineno), f"{path}:{lineno}")
     for name in extra_fields:
         if name not in obj:
             raise TunelabError(f"{path}:{lineno}: missing field {name!r} (found fields {sorted(obj)})")
         record[name] = str(obj[name])
     return record
+
+
+def target_value(obj: dict, label_field: str | list[str] | tuple[str, ...], path: Path | str, lineno: int) -> Any:
+    """The value of the target field, or the list of values of several target fields."""
+    fields = [label_field] if isinstance(label_field, str) else list(label_field)
+    for name in fields:
+        if name not in obj or obj[name] is None or (isinstance(obj[name], str) and obj[name] == ""):
+            raise TunelabError(
+                f"{path}:{lineno}: missing label field {name!r} (found fields {sorted(obj)}; set data.label_field)"
+            )
+    return obj[fields[0]] if isinstance(label_field, str) else [obj[name] for name in fields]

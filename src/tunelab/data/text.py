@@ -16,23 +16,25 @@ from typing import Any
 import datasets
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from tunelab.contracts import IGNORE_INDEX, LABELS
+from tunelab.contracts import LABELS
 from tunelab.data import packing
 from tunelab.data.base import SplitDataModule
-from tunelab.data.readers import MAX_RECORD_BYTES, check_file, file_stamp, read_records
+from tunelab.data.readers import MAX_RECORD_BYTES, LabelField, as_text, check_file, file_stamp, read_records
 from tunelab.data.tokenizer import cached_wordpiece, load_tokenizer
 from tunelab.errors import TunelabError
+from tunelab.problems import Problem
 
 SPLITS = ("train", "val", "test")
 
 
-def _generate(path: str, text_field: str, label_field: str | None, encoding_errors: str, stamp: str,
+def _generate(path: str, text_field: str, label_field: LabelField, encoding_errors: str, stamp: str,
               domain_field: str | None, domains: list[str] | None,
-              max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[dict]:
+              max_record_bytes: int = MAX_RECORD_BYTES, read_target: Callable = as_text) -> Iterator[dict]:
     """Module-level generator so `datasets` can fingerprint it; `stamp` ties the cache to the file's content."""
     del stamp
     extra = (domain_field,) if domains else ()
-    for record in read_records(path, text_field, label_field, encoding_errors, extra, max_record_bytes):
+    for record in read_records(path, text_field, label_field, encoding_errors, extra, max_record_bytes,
+                               read_target):
         if not domains or record.pop(domain_field) in domains:
             yield record
 
@@ -49,10 +51,10 @@ def _tokenize_words(batch: dict, tokenizer: PreTrainedTokenizerBase, max_length:
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "word_starts": starts}
 
 
-def with_unlabelled(train: datasets.Dataset, unlabelled: datasets.Dataset) -> datasets.Dataset:
-    """Training records followed by unlabelled ones (`labels` -100): a transfer set for distillation, whose
-    teacher labels what has no label."""
-    unlabelled = unlabelled.add_column(LABELS, [IGNORE_INDEX] * len(unlabelled))
+def with_unlabelled(train: datasets.Dataset, unlabelled: datasets.Dataset, missing: Any) -> datasets.Dataset:
+    """Training records followed by unlabelled ones (`labels` the problem's `missing()`): a transfer set for
+    distillation, whose teacher labels what has no label."""
+    unlabelled = unlabelled.add_column(LABELS, [missing] * len(unlabelled))
     return datasets.concatenate_datasets([train, unlabelled.cast(train.features)])
 
 
@@ -80,8 +82,9 @@ class TextDataModule(SplitDataModule):
         test_file: str | None = None,
         *,
         text_field: str = "text",
-        label_field: str | None = "label",
+        label_field: LabelField = "label",
         labels: list[str] | None = None,
+        problem: Problem | None = None,
         domains: list[str] | None = None,
         domain_field: str = "domain",
         val_fraction: float = 0.1,
@@ -110,8 +113,16 @@ class TextDataModule(SplitDataModule):
         if encoding_errors not in ("strict", "replace", "ignore"):
             raise TunelabError(f"data.encoding_errors={encoding_errors!r} (expected strict, replace or ignore)")
         self.files = {"train": train_file, "val": val_file, "test": test_file}
-        self.text_field, self.label_field = text_field, label_field
-        self.labels: list[str] | None = [str(x) for x in labels] if labels is not None else None
+        self.text_field = text_field
+        self.label_field = list(label_field) if isinstance(label_field, list | tuple) else label_field
+        self.fixed_labels = [str(x) for x in labels] if labels is not None else None
+        self.labels: list[str] | None = None
+        if problem is None and self.labelled:
+            from tunelab.problems.classification import Classification
+
+            problem = Classification()
+        self.problem = problem
+
         self.domains = [str(d) for d in domains] if domains else None
         self.domain_field = domain_field
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
@@ -132,6 +143,11 @@ class TextDataModule(SplitDataModule):
     def labelled(self) -> bool:
         return self.label_field is not None
 
+    def use_problem(self, problem: Problem) -> None:
+        """Unlabelled text (`label_field: null`) has no targets to read."""
+        if self.labelled:
+            super().use_problem(problem)
+
     # ----------------------------------------------------------------- building
     def setup(self, stage: str | None = None) -> None:
         """Idempotent: train.py calls it before the task exists, Lightning calls it again."""
@@ -147,7 +163,7 @@ class TextDataModule(SplitDataModule):
             if self.labelled:
                 ds = self._encode_labels(ds, split)
             if split == "train" and unlabelled is not None:
-                ds = with_unlabelled(ds, unlabelled)
+                ds = with_unlabelled(ds, unlabelled, self.problem.missing())
             self.datasets[split] = self._packed(ds, split) if self.pack else self._tokenized(ds)
 
     def _check_options(self) -> None:
@@ -177,7 +193,8 @@ class TextDataModule(SplitDataModule):
                 gen_kwargs={"path": str(path.resolve()), "text_field": self.text_field,
                             "label_field": label_field, "encoding_errors": self.encoding_errors,
                             "stamp": stamp, "domain_field": self.domain_field, "domains": self.domains,
-                            "max_record_bytes": self.max_record_bytes},
+                            "max_record_bytes": self.max_record_bytes,
+                            "read_target": self.problem.read_target if label_field is not None else as_text},
                 cache_dir=str(self.cache_dir / "datasets"),
             )
         except datasets.exceptions.DatasetGenerationError as e:
@@ -226,32 +243,18 @@ class TextDataModule(SplitDataModule):
         return cached_wordpiece(flat, key=train._fingerprint, vocab_size=self.vocab_size, cache_dir=self.cache_dir)
 
     def _encode_labels(self, ds: datasets.Dataset, split: str) -> datasets.Dataset:
+        """Targets as the problem encodes them; the training split first teaches it the label set or scales."""
+        file = self.files[split] or self.files["train"]
         if self.labels is None:
             if split != "train":
                 raise TunelabError("label set unknown: read the train split first")
-            found = ds.unique("label")
-            self.labels = sorted(found, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
-            self._check_classes()
-        index = {name: i for i, name in enumerate(self.labels)}
-        bad = ds.filter(lambda r: r["label"] not in index)
-        if len(bad):
-            row = bad[0]
-            raise TunelabError(
-                f"{self.files[split] or self.files['train']}:{row['line']}: label {row['label']!r} is not in the "
-                f"label set (expected one of {self.labels}; set data.labels to change it)"
-            )
-        return ds.map(lambda r: {LABELS: index[r["label"]]}, remove_columns=["label"])
-
-    def _check_classes(self) -> None:
-        """One label is nothing to classify (torchmetrics would fail later, on its own arguments)."""
-        if len(self.labels) >= 2:
-            return
-        subset = self.limit_train or self.limit_train_per_class
-        kept = " of the records data.limit_train keeps" if subset else ""
-        raise TunelabError(
-            f"data.train_file: found {len(self.labels)} class {self.labels} in {self.files['train']}{kept} "
-            f"(expected at least two distinct values of data.label_field={self.label_field!r} to classify)"
-        )
+            subset = " (of the records data.limit_train keeps)" if self.limit_train or self.limit_train_per_class else ""
+            fields = [self.label_field] if isinstance(self.label_field, str) else self.label_field
+            self.problem.fit(ds["label"], f"data.train_file: {file}{subset}", labels=self.fixed_labels,
+                             fields=fields)
+            self.labels = list(self.problem.outputs)
+        encode = self.problem.encode
+        return ds.map(lambda r: {LABELS: encode(r["label"], f"{file}:{r['line']}")}, remove_columns=["label"])
 
     @property
     def _needs_word_ids(self) -> bool:

@@ -22,14 +22,15 @@ SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS
                   "mask_token": "[MASK]"}
 
 
-def load_tokenizer(source: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Load the tokenizer that belongs to a model directory or hub name."""
-    source = check_pretrained(source)
+def load_tokenizer(source: str, trust_remote_code: bool = False, role: str = "model.pretrained") -> PreTrainedTokenizerBase:
+    """Load the tokenizer that belongs to a model directory or hub name; errors name `role`, the key that gave
+    `source` (data.tokenizer follows model.pretrained unless a task points it elsewhere)."""
+    source = check_pretrained(source, role)
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise TunelabError(
-            f"could not load a tokenizer from {source!r} (expected a model directory with tokenizer files, "
+            f"{role}: could not load a tokenizer from {source!r} (expected a model directory with tokenizer files, "
             f"or a hub name when online): {e}"
         ) from None
 

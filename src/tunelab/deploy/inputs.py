@@ -34,7 +34,7 @@ class Row:
     source: str  # file the row came from
     line: int | None  # line in that file (None: an image found in a folder)
     item: Any = None
-    label: str | None = None
+    label: Any = None  # the raw target, read by the model's problem
     error: str | None = None
 
     @property
@@ -83,7 +83,7 @@ def record(obj: dict, path: Path, lineno: int, field: str, fields: Fields) -> Ro
             "data.text_field", "data.image_field")
         return Row(str(path), lineno, error=message)
     label = obj.get(fields.label_field) if fields.label_field else None
-    row = Row(str(path), lineno, item, None if label in (None, "") else str(label))
+    row = Row(str(path), lineno, item, None if label in (None, "") else label)
     if not item.strip():
         row.error = f"{path}:{lineno}: empty {field!r} (expected a non-empty string)"
     return row

@@ -110,46 +110,43 @@ class AtomicFile:
 
 # ----------------------------------------------------------------------------- the run
 class Scores:
-    """Accuracy and macro-F1 over the labelled rows (torchmetrics, as the training tasks compute them)."""
+    """The problem's metrics over the labelled rows (torchmetrics, as the training tasks compute them)."""
 
-    def __init__(self, labels: list[str]) -> None:
-        from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+    def __init__(self, problem: Any) -> None:
+        self.problem, self.metrics, self.count = problem, problem.metrics(), 0
 
-        self.index = {name: i for i, name in enumerate(labels)}
-        self.acc = MulticlassAccuracy(len(labels), average="micro")
-        self.f1 = MulticlassF1Score(len(labels), average="macro")
-        self.count = 0
+    def target(self, row: Row) -> Any:
+        """The row's encoded target, or None with `row.error` set when the problem cannot read it."""
+        try:
+            return self.problem.encode(self.problem.read_target(row.label, row.where), row.where)
+        except TunelabError as e:
+            row.error = f"{e} (the model's problem is {self.problem.name})"
+            return None
 
-    def update(self, predicted: list[int], targets: list[int]) -> None:
+    def update(self, outputs: Any, targets: list[Any]) -> None:
         import torch
 
         if targets:
-            p, t = torch.tensor(predicted), torch.tensor(targets)
-            self.acc.update(p, t)
-            self.f1.update(p, t)
+            preds, target = self.problem.metric_inputs(torch.as_tensor(outputs), torch.as_tensor(targets))
+            self.metrics.update(preds, target)
             self.count += len(targets)
 
-    def compute(self) -> dict[str, float]:
+    def compute(self) -> dict[str, Any]:
         if not self.count:
             return {}
-        return {"accuracy": float(self.acc.compute()), "macro_f1": float(self.f1.compute()), "labelled": self.count}
-
-
-def unknown_label(row: Row, labels: dict[str, int]) -> bool:
-    if row.label is not None and row.label not in labels:
-        row.error = f"{row.where}: label {row.label!r} is not one of the model's labels {list(labels)}"
-        return True
-    return False
+        return {**{name: float(value) for name, value in self.metrics.compute().items()}, "labelled": self.count}
 
 
 def batches(source: Iterator[Row], size: int, on_error: str, errors: IO[str], scores: Scores,
-            progress: Any, counts: dict[str, int]) -> Iterator[list[Row]]:
-    """Batches of rows that can be predicted; the others go to `errors` (counted), or stop the run."""
+            progress: Any, counts: dict[str, int]) -> Iterator[list[tuple[Row, Any]]]:
+    """Batches of (row, encoded target or None) that can be predicted; the others go to `errors` (counted), or
+    stop the run."""
     while chunk := list(islice(source, size)):
         good = []
         for row in chunk:
-            if row.error is None and not unknown_label(row, scores.index):
-                good.append(row)
+            target = scores.target(row) if row.error is None and row.label is not None else None
+            if row.error is None:
+                good.append((row, target))
                 continue
             if on_error == "fail":
                 raise TunelabError(f"{row.error} (on_error=fail; set on_error=skip to skip such rows into an "
@@ -169,16 +166,17 @@ def output_row(row: Row, answer: dict[str, Any]) -> str:
 
 def predict_all(predictor: Predictor, source: Iterator[Row], cfg: DictConfig, out: IO[str], errors: IO[str],
                 progress: Any) -> dict[str, Any]:
-    scores = Scores(predictor.labels)
+    scores = Scores(predictor.problem)
     counts = {"predicted": 0, "skipped": 0}
     for batch in batches(source, cfg.data.batch_size, cfg.on_error, errors, scores, progress, counts):
-        answers = predictor.describe(predictor.probabilities([row.item for row in batch]))
-        labelled = [(scores.index[a["label"]], scores.index[r.label])
-                    for r, a in zip(batch, answers, strict=True) if r.label is not None]
-        scores.update([p for p, _ in labelled], [t for _, t in labelled])
-        out.writelines(output_row(row, answer) for row, answer in zip(batch, answers, strict=True))
+        outputs = predictor.outputs([row.item for row, _ in batch])
+        labelled = [i for i, (_, target) in enumerate(batch) if target is not None]
+        scores.update(outputs[labelled], [batch[i][1] for i in labelled])
+        answers = predictor.describe(outputs)
+        out.writelines(output_row(row, answer) for (row, _), answer in zip(batch, answers, strict=True))
         counts["predicted"] += len(batch)
-    return {**counts, **scores.compute()}
+    values = scores.compute()
+    return {**counts, **values, "metric_names": [k for k in values if k != "labelled"]}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -219,7 +217,7 @@ def classifier_kinds() -> list[str]:
 
 
 def summary_line(summary: dict[str, Any]) -> str:
-    scores = (f"; accuracy {summary['accuracy']:.4f}, macro-F1 {summary['macro_f1']:.4f} on {summary['labelled']} "
-              "labelled rows" if "accuracy" in summary else "")
+    named = ", ".join(f"{k} {summary[k]:.4f}" for k in summary.get("metric_names", []))
+    scores = f"; {named} on {summary['labelled']} labelled rows" if "labelled" in summary else ""
     return (f"predicted {summary['predicted']} rows ({summary['skipped']} skipped, see {summary['errors']}) "
             f"with {summary['backend']} in {summary['seconds']:.1f} s{scores} -> {summary['output']}")

@@ -1,4 +1,4 @@
-"""An Artifact turned into class probabilities for batches of raw inputs (texts or RGB images).
+"""An Artifact turned into answers for batches of raw inputs (texts or RGB images), as its problem gives them.
 
 Preprocessing is what the artifact's card declares (the tokenizer and `max_length` it was trained with, or
 timm's eval transform for its data config), so a prediction sees exactly what the training run's test step
@@ -75,20 +75,16 @@ def image_transform(preprocessing: dict[str, Any]) -> Callable[[Any], Any]:
     return timm.data.create_transform(**config, is_training=False)
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 class Predictor:
-    """Texts or images in, a (n, classes) array of probabilities out, on the chosen backend."""
+    """Texts or images in, the network's (n, outputs) array out, on the chosen backend; `describe` turns it into
+    the problem's answers (a class with its probabilities, scores, a label set)."""
 
     def __init__(self, artifact: Artifact, backend: str = "auto", threads: int | None = None) -> None:
-        if not artifact.labels:
-            raise TunelabError(f"model: {artifact.source} names no labels (expected a classifier folder written by "
+        self.problem = artifact.problem
+        if self.problem is None or not self.problem.outputs:
+            raise TunelabError(f"model: {artifact.source} names no outputs (expected a model folder written by "
                                "tunelab, or a Hugging Face config with id2label)")
-        self.labels, self.modality, self.source = list(artifact.labels), artifact.modality, artifact.source
+        self.labels, self.modality, self.source = list(self.problem.outputs), artifact.modality, artifact.source
         self.card = artifact.card
         self.backend, self.run = pick_backend(artifact, backend, threads)
         if self.modality == "image":
@@ -106,14 +102,15 @@ class Predictor:
             return {PIXEL_VALUES: np.stack([self.transform(image).numpy() for image in items])}
         return self.padded(self.token_ids(items))
 
-    def probabilities(self, items: Sequence[Any]) -> np.ndarray:
-        """(n, classes) probabilities in the order of `items`; texts run in length groups (`length_groups`)."""
+    def outputs(self, items: Sequence[Any]) -> np.ndarray:
+        """(n, outputs) raw outputs (logits, values) in the order of `items`; texts run in length groups
+        (`length_groups`)."""
         if self.modality == "image":
-            return softmax(self.run(self.encode(items)))
+            return self.run(self.encode(items)).astype(np.float64)
         ids = self.token_ids(items)
         out = np.empty((len(ids), len(self.labels)))
         for group in length_groups([len(x) for x in ids]):
-            out[group] = softmax(self.run(self.padded([ids[i] for i in group])))
+            out[group] = self.run(self.padded([ids[i] for i in group]))
         return out
 
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
@@ -134,14 +131,9 @@ class Predictor:
             batch[row, cols], mask[row, cols] = seq, 1
         return {INPUT_IDS: batch, ATTENTION_MASK: mask}
 
-    def describe(self, probabilities: np.ndarray) -> list[dict[str, Any]]:
-        """One `{label, probability, probabilities}` per row: the answer, its probability, the distribution."""
-        out = []
-        for p in probabilities:
-            best = int(p.argmax())
-            out.append({"label": self.labels[best], "probability": float(p[best]),
-                        "probabilities": {name: float(v) for name, v in zip(self.labels, p, strict=True)}})
-        return out
+    def describe(self, outputs: np.ndarray) -> list[dict[str, Any]]:
+        """One answer per row of `outputs`, as the problem gives it (e.g. `{label, probability, probabilities}`)."""
+        return self.problem.answers(outputs)
 
 
 def length_groups(lengths: Sequence[int], call_cost: int = CALL_COST_TOKENS,

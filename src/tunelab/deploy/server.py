@@ -62,10 +62,16 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
 
 
 class Guard:
-    """ASGI middleware: refuse bodies over `max_bytes` (413), log each request with its latency."""
+    """ASGI middleware: refuse bodies over `max_bytes` (413), log each request with its latency.
+
+    Clients such as urllib and requests read the answer only once they have sent the whole body, and a connection
+    closed on unread bytes is reset, losing the 413: so a body over the limit is read and dropped, up to
+    `drain_bytes`, before it is refused. A client that waits for `100 Continue`, or declares more than that, is
+    refused at once. A body without a declared length (chunked) is read here before the app sees it."""
 
     def __init__(self, app: Any, max_bytes: int, log_requests: bool = True) -> None:
         self.app, self.max_bytes, self.log_requests = app, max_bytes, log_requests
+        self.drain_bytes = max(16 * max_bytes, 8 << 20)  # more is a flood, not a mistake: not worth reading
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -77,32 +83,72 @@ class Guard:
                 status[0] = message["status"]
             await send(message)
 
-        length = dict(scope.get("headers") or []).get(b"content-length", b"0")
-        if not length.isdigit() or int(length) > self.max_bytes:
-            got = f"{int(length):,} bytes" if length.isdigit() else f"Content-Length {length.decode(errors='replace')!r}"
-            response = JSONResponse({"error": f"request body of {got} exceeds max_body_bytes="
-                                              f"{self.max_bytes:,}"}, status_code=413)
-            await response(scope, receive, sending)
+        headers, body = dict(scope.get("headers") or []), receive
+        if b"content-length" in headers:
+            refusal = await self._declared(headers, receive)
+        elif b"transfer-encoding" in headers:
+            refusal, body = await self._chunked(receive)
         else:
-            await self.app(scope, self._bounded(receive), sending)
+            refusal = None
+        if refusal:
+            response = JSONResponse({"error": f"request body {refusal} exceeds max_body_bytes={self.max_bytes:,}"},
+                                    status_code=413, headers={"Connection": "close"})
+            await response(scope, receive, sending)
+        elif body is not None:  # None: the client left while sending
+            await self.app(scope, body, sending)
         if self.log_requests:
             log.info("%s %s %d %.1f ms", scope["method"], scope["path"], status[0],
                      1000 * (time.perf_counter() - start))
 
-    def _bounded(self, receive: Any) -> Any:
-        """A body sent without a length (chunked) is counted as it arrives."""
-        seen = [0]
+    async def _declared(self, headers: dict, receive: Any) -> str | None:
+        """Why a body of declared length is refused (None: it is not); one over the limit is drained first."""
+        length = headers[b"content-length"]
+        if not length.isdigit():
+            return f"of Content-Length {length.decode(errors='replace')!r}"
+        if int(length) <= self.max_bytes:
+            return None
+        if int(length) <= self.drain_bytes and headers.get(b"expect", b"").lower() != b"100-continue":
+            await self._drain(receive, 0)
+        return f"of {int(length):,} bytes"
 
-        async def bounded() -> dict:
-            from fastapi import HTTPException
-
+    async def _chunked(self, receive: Any) -> tuple[str | None, Any]:
+        """Read a body sent without a length: (why it is refused, None) or (None, a receive that replays it)."""
+        chunks: list[bytes] = []
+        seen = 0
+        while True:
             message = await receive()
-            seen[0] += len(message.get("body", b""))
-            if seen[0] > self.max_bytes:
-                raise HTTPException(413, f"request body exceeds max_body_bytes={self.max_bytes:,}")
-            return message
+            if message["type"] != "http.request":
+                return None, None
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            more = message.get("more_body", False)
+            if seen > self.max_bytes:
+                seen, ended = await self._drain(receive, seen) if more else (seen, True)
+                return f"of {'' if ended else 'more than '}{seen:,} bytes", None
+            if not more:
+                return None, self._replay(b"".join(chunks), receive)
 
-        return bounded
+    async def _drain(self, receive: Any, seen: int) -> tuple[int, bool]:
+        """Read and drop the rest of a body, up to `drain_bytes`: the bytes seen in all, and whether it ended."""
+        while seen <= self.drain_bytes:
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if not message.get("more_body", False):  # its end, or the client left
+                return seen, True
+        return seen, False
+
+    @staticmethod
+    def _replay(body: bytes, receive: Any) -> Any:
+        """A receive that gives `body` whole, then what follows it (a disconnect)."""
+        delivered = [False]
+
+        async def replayed() -> dict:
+            if delivered[0]:
+                return await receive()
+            delivered[0] = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return replayed
 
 
 class ClassifierAPI(ls.LitAPI):
@@ -118,12 +164,12 @@ class ClassifierAPI(ls.LitAPI):
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches every process: the server stops this one last
         self.predictor = Predictor(artifacts.load(self.model, role="model"), self.backend_name, self.threads)
-        self.predictor.probabilities(self.warmup())  # the first pass allocates; do not bill a client for it
+        self.predictor.outputs(self.warmup())  # the first pass allocates; do not bill a client for it
 
     def _answers(self, items: list) -> list[dict]:
         out = []
         for i in range(0, len(items), self.chunk):
-            out.extend(self.predictor.describe(self.predictor.probabilities(items[i:i + self.chunk])))
+            out.extend(self.predictor.describe(self.predictor.outputs(items[i:i + self.chunk])))
         return out
 
     def batch(self, inputs: list[list]) -> tuple[list, list[int]]:

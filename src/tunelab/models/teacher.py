@@ -30,11 +30,15 @@ class Teacher:
     """A frozen classifier or masked LM (`TextModel`, `ImageModel`) that answers under `torch.inference_mode`."""
 
     def __init__(self, net: TextModel | ImageModel, source: str, labels: list[str] | None,
-                 tokenizer: Any | None = None) -> None:
+                 tokenizer: Any | None = None, problem: Any = None, pretrained: bool = False) -> None:
         self.net = net.eval().requires_grad_(False)
         self.source = source
         self.labels = labels  # None: the checkpoint names no classes (LABEL_0, LABEL_1, ...)
         self.tokenizer = tokenizer
+        self.problem = problem  # what its outputs mean (`tunelab.problems`); None for a masked LM
+        # whether it grew from a pretrained checkpoint (or came from elsewhere), not from scratch here: such a
+        # teacher's own architecture with fewer layers is the student practitioners start from
+        self.pretrained = pretrained
         self.head = getattr(net, "head", "classifier")
         if net.modality == "image":
             self.num_classes = int(net.net.num_classes)
@@ -116,7 +120,16 @@ def load_teacher(path: str | None = None, weights: str | None = None, trust_remo
         found = artifacts.load(str(path), role="teacher.path", trust_remote_code=trust_remote_code, kinds=kinds)
     except TunelabError as e:
         raise TunelabError(f"{e}; expected a model like the model/ of a `{command}` run") from None
-    return Teacher(found.net, found.source, found.labels, found.tokenizer)
+    return Teacher(found.net, found.source, found.labels, found.tokenizer,
+                   found.problem if head == "classifier" else None, grew_from_pretrained(found.card))
+
+
+def grew_from_pretrained(card: dict) -> bool:
+    """A model this project trained from a pretrained checkpoint (its card names a `pretrained` parent), or one
+    made elsewhere (no card): not a from-scratch model of this project."""
+    if not card:
+        return True
+    return any((p or {}).get("role") == "pretrained" for p in card.get("parents") or [])
 
 
 def _from_timm_name(name: str, weights: str) -> Teacher:

@@ -30,6 +30,7 @@ from tunelab.models.dropout import ATTENTION, register, use_cpu_dropout
 from tunelab.runtime import settings
 
 HEADS = {"classifier": AutoModelForSequenceClassification, "masked_lm": AutoModelForMaskedLM}
+HEAD_NAMES = ("classifier", "score", "logits_proj")  # what sequence-classification models call their head
 # architectures that number positions from pad_token_id + 1 (fairseq's convention): that many fewer fit
 OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "data2vec-text",
                     "roberta-prelayernorm", "xmod", "mpnet", "ibert")
@@ -87,7 +88,10 @@ class TextModel(nn.Module):
         gradient_checkpointing: bool = False,
         vocab_size: int | None = None,
         net: PreTrainedModel | None = None,
+        problem_type: str | None = None,
     ) -> None:
+        """`problem_type`: what `config.json` says the outputs are (`tunelab.problems`: single-label,
+        regression, multi-label), so a plain `pipeline` decodes them as trained."""
         super().__init__()
         if head not in HEADS:
             raise TunelabError(f"unknown head {head!r} (expected one of {sorted(HEADS)})")
@@ -98,11 +102,16 @@ class TextModel(nn.Module):
                 raise TunelabError("a classifier needs labelled data (data.label_field and its labels)")
             kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
                       "label2id": {name: i for i, name in enumerate(labels)}}
+            if problem_type:
+                kwargs["problem_type"] = problem_type
+        # whether the head starts untrained (built here, or absent from the checkpoint), not loaded
+        self.fresh_head = net is None
         if net is not None:  # built elsewhere, e.g. with pruned layer shapes no config can express
             self.net = net
         elif pretrained:
             source = check_pretrained(str(pretrained))
-            self.net = self._load(HEADS[head], source, kwargs, ignore_mismatched_sizes, trust_remote_code)
+            self.net, self.fresh_head = self._load(HEADS[head], source, kwargs, ignore_mismatched_sizes,
+                                                   trust_remote_code)
         else:
             if tokenizer is None:
                 raise TunelabError("a from-scratch text model needs a tokenizer to size its vocabulary")
@@ -136,12 +145,16 @@ class TextModel(nn.Module):
             register()
 
     @staticmethod
-    def _load(cls: Any, source: str, kwargs: dict, ignore_mismatched_sizes: bool, trust_remote_code: bool) -> PreTrainedModel:
-        """`from_pretrained`, back in training mode: it returns the model in eval mode, and Lightning keeps each
-        submodule's mode, so fine-tuning would otherwise run without dropout."""
+    def _load(cls: Any, source: str, kwargs: dict, ignore_mismatched_sizes: bool,
+              trust_remote_code: bool) -> tuple[PreTrainedModel, bool]:
+        """`from_pretrained`, back in training mode (it returns the model in eval mode, and Lightning keeps each
+        submodule's mode, so fine-tuning would otherwise run without dropout), and whether the head is new."""
         try:
-            return cls.from_pretrained(source, ignore_mismatched_sizes=ignore_mismatched_sizes,
-                                       trust_remote_code=trust_remote_code, **kwargs).train()
+            net, info = cls.from_pretrained(source, ignore_mismatched_sizes=ignore_mismatched_sizes,
+                                            trust_remote_code=trust_remote_code, output_loading_info=True, **kwargs)
+            new = [k if isinstance(k, str) else k[0] for k in [*info.get("missing_keys", []),
+                                                               *info.get("mismatched_keys", [])]]
+            return net.train(), any(part in HEAD_NAMES for key in new for part in key.split("."))
         except RuntimeError as e:
             raise TunelabError(
                 f"model.pretrained: the checkpoint in {source} does not fit ({str(e).splitlines()[0]}); set "
@@ -182,7 +195,7 @@ class TextModel(nn.Module):
 
     @property
     def classifier(self) -> nn.Module:
-        for name in ("classifier", "score", "logits_proj"):
+        for name in HEAD_NAMES:
             if isinstance(getattr(self.net, name, None), nn.Module):
                 return getattr(self.net, name)
         raise TunelabError(f"{type(self.net).__name__} has no classifier module named classifier/score")

@@ -33,9 +33,12 @@ class ImageModel(nn.Module):
         drop_path_rate: float | None = None,
         gradient_checkpointing: bool = False,
         keep_classifier: bool = False,
+        problem_type: str | None = None,
     ) -> None:
+        """`problem_type` is the problem's (timm has no such field: the card records it)."""
         super().__init__()
-        del tokenizer
+        del tokenizer, problem_type
+        self.fresh_head = not keep_classifier
         if head != "classifier":
             raise TunelabError(f"image models support head=classifier only (got {head!r})")
         if not labels:

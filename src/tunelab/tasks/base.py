@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from lightning import LightningModule
 from torch import nn
-from torchmetrics import Metric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+from torchmetrics import MaxMetric, Metric, MinMetric
 
 from tunelab.models.tuning import Tuning
+from tunelab.problems import Problem
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight", "bn.weight", "ln")
 
@@ -133,31 +133,60 @@ class Task(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def classification_metrics(num_classes: int) -> MetricCollection:
-    """Accuracy and macro-F1, the pair every classification task reports."""
-    return MetricCollection({
-        "acc": MulticlassAccuracy(num_classes, average="micro"),
-        "f1": MulticlassF1Score(num_classes, average="macro"),
-    })
+class Scores(nn.Module):
+    """A problem's metrics for each split (`<split>/<name>`), the best monitored validation value so far
+    (`val/<monitor>_best`, what sweeps optimize) and the validation figure (confusion matrix, scatter...)."""
+
+    def __init__(self, problem: Problem, splits: tuple[str, ...] = ("train", "val", "test")) -> None:
+        super().__init__()
+        self.problem = problem
+        # keyed `train_`...: a ModuleDict key may not shadow a Module attribute (`train`)
+        self.splits = nn.ModuleDict({f"{split}_": problem.metrics().clone(prefix=f"{split}/") for split in splits})
+        self.best = MaxMetric() if problem.mode == "max" else MinMetric()
+        self.figure_name, self.figure = problem.diagnostic() or ("", None)
+
+    def update(self, split: str, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        preds, target = self.problem.metric_inputs(outputs, targets)
+        if len(target):
+            self.splits[f"{split}_"].update(preds, target)
+            if split == "val" and self.figure is not None:
+                self.figure.update(preds, target)
+
+    def compute(self, split: str) -> dict[str, torch.Tensor]:
+        """The split's metrics over the epoch (then reset); nothing when no labelled row was seen."""
+        metrics = self.splits[f"{split}_"]
+        seen = any(m.update_count for m in metrics.values())
+        values = metrics.compute() if seen else {}
+        metrics.reset()
+        return values
+
+    def log_validation(self, module: LightningModule, values: dict[str, torch.Tensor]) -> None:
+        """Log the best monitored value so far and draw the figure (TensorBoard only)."""
+        monitored = values.get(f"val/{self.problem.monitor}")
+        if monitored is not None:
+            self.best(monitored)
+            module.log(f"val/{self.problem.monitor}_best", self.best.compute(), sync_dist=True)
+        if self.figure is not None:
+            log_figure(module, self.figure, f"val/{self.figure_name}", self.problem.outputs)
 
 
-def log_confusion_matrix(module: LightningModule, matrix: MulticlassConfusionMatrix, tag: str,
-                         labels: list[str] | None = None) -> None:
-    """Draw the confusion matrix as an image in TensorBoard (other loggers are skipped)."""
+def log_figure(module: LightningModule, metric: Metric, tag: str, labels: list[str] | None = None) -> None:
+    """Draw a metric's `plot` as an image in TensorBoard (other loggers are skipped), then reset it."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     loggers = [lg for lg in module.loggers if isinstance(lg, TensorBoardLogger)]
-    if not loggers or module.trainer.sanity_checking:
-        matrix.reset()
+    if not loggers or module.trainer.sanity_checking or not metric.update_count:
+        metric.reset()
         return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, _ = matrix.plot(labels=labels)
-    fig.set_size_inches(max(4, 0.5 * matrix.num_classes + 2), max(4, 0.5 * matrix.num_classes + 2))
+    fig, _ = metric.plot(labels=labels)
+    side = max(4, 0.5 * len(labels or []) + 2)
+    fig.set_size_inches(side, side)
     for logger in loggers:
         logger.experiment.add_figure(tag, fig, global_step=module.global_step)
     plt.close(fig)
-    matrix.reset()
+    metric.reset()

@@ -29,7 +29,7 @@ from tunelab.errors import TunelabError
 from tunelab.models.grl import GradientReversal, dann_lambda
 from tunelab.models.heads import Bottleneck, DomainDiscriminator
 from tunelab.models.tuning import Tuning
-from tunelab.tasks.base import Task, classification_metrics
+from tunelab.tasks.base import Task
 
 STAGES = ("train", "val", "test")
 
@@ -78,7 +78,6 @@ class DANNTask(Task):
         discriminator_batch_norm: bool = False,
         discriminator_dropout: float = 0.5,
         tuning: Tuning | None = None,
-        label_smoothing: float = 0.0,
         embed_samples: int = 500,
     ) -> None:
         super().__init__(optimizer, scheduler, tuning)
@@ -87,13 +86,19 @@ class DANNTask(Task):
                 f"task=dann needs a domain pair as data, got {type(datamodule).__name__} (expected e.g. "
                 "data=digits_pair, data=reviews_pair, data=image_folder_pair or data=text_files_pair)"
             )
+        self.problem = datamodule.problem
         self.labels = list(datamodule.labels)
         self.tokenizer = getattr(datamodule, "tokenizer", None)
-        self.model = model(head="classifier", labels=self.labels, tokenizer=self.tokenizer)
+        self.model = model(head="classifier", labels=self.labels, tokenizer=self.tokenizer,
+                           problem_type=self.problem.hf_problem_type)
+        self.problem.prepare(self.model, fresh_head=getattr(self.model, "fresh_head", True))
+        if bottleneck_dim and hasattr(self.model, "target_scale"):
+            raise TunelabError(f"task.bottleneck_dim: problem={self.problem.name} scales the model's own head, which "
+                               "a bottleneck replaces in training (expected task.bottleneck_dim=null)")
         self.tune()
         self.adapt, self.domain_weight = adapt, domain_weight
         self.gamma, self.lambda_max = gamma, lambda_max
-        self.label_smoothing, self.embed_samples = label_smoothing, embed_samples
+        self.embed_samples = embed_samples
         self.pad_id = int(getattr(self.tokenizer, "pad_token_id", None) or 0)
 
         width = self.model.feature_size
@@ -109,9 +114,8 @@ class DANNTask(Task):
                                                               discriminator_dropout)
         self.grl = GradientReversal(0.0)
 
-        k = len(self.labels)
         self.metrics = nn.ModuleDict({
-            f"{stage}_{domain}": classification_metrics(k).clone(prefix=f"{stage}/{domain}/")
+            f"{stage}_{domain}": self.problem.metrics().clone(prefix=f"{stage}/{domain}/")
             for stage in STAGES for domain in DOMAINS
         })
         self.domain_acc = nn.ModuleDict({f"{stage}_domain": BinaryAccuracy() for stage in STAGES})
@@ -168,9 +172,9 @@ class DANNTask(Task):
         return loss
 
     def _classification_loss(self, logits: torch.Tensor, labels: torch.Tensor, stage: str) -> torch.Tensor:
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        loss = self.problem.loss(logits, labels)
         metrics = self.metrics[f"{stage}_source"]
-        metrics(logits, labels)
+        metrics(*self.problem.metric_inputs(logits.detach(), labels))
         self.log(f"{stage}/source/cls_loss", loss, batch_size=len(labels))
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=len(labels))
         return loss
@@ -180,12 +184,13 @@ class DANNTask(Task):
         domain = DOMAINS[dataloader_idx]
         features, logits = self.features_and_logits(batch)
         labels = batch[LABELS]
-        self.metrics[f"{stage}_{domain}"].update(logits, labels)
-        self.log(f"{stage}/{domain}/loss", F.cross_entropy(logits, labels), batch_size=len(labels),
+        self.metrics[f"{stage}_{domain}"].update(*self.problem.metric_inputs(logits, labels))
+        self.log(f"{stage}/{domain}/loss", self.problem.loss(logits, labels), batch_size=len(labels),
                  add_dataloader_idx=False, sync_dist=True)
         if "discriminator" in self.heads:
             domain_logits = self.heads["discriminator"](features)
-            self.domain_acc[f"{stage}_domain"].update(domain_logits, torch.full_like(labels, dataloader_idx))
+            self.domain_acc[f"{stage}_domain"].update(domain_logits, torch.full((len(labels),), dataloader_idx,
+                                                                                device=domain_logits.device))
         return features
 
     def _eval_epoch_end(self, stage: str) -> None:
@@ -234,7 +239,8 @@ class DANNTask(Task):
         if not kept or not loggers or not self.trainer.is_global_zero:
             return
         features = torch.cat([f for f, _, _, _ in kept])
-        metadata = [[DOMAINS[d], self.labels[int(y)]] for _, d, ys, _ in kept for y in ys]
+        metadata = [[DOMAINS[d], self.labels[int(y)] if y.dim() == 0 else str(y.tolist())]
+                    for _, d, ys, _ in kept for y in ys]
         images = torch.cat([t for _, _, _, t in kept]) if all(t is not None for *_, t in kept) else None
         tag = "features/" + ("adapted" if self.adapt else "source_only")
         for logger in loggers:
@@ -250,7 +256,7 @@ class DANNTask(Task):
         if "bottleneck" in self.heads:
             self.heads.eval()
             self.heads["bottleneck"].fold_into(self.heads["classifier"], self.model.classifier)
-        return self.plain(self.model)
+        return self.problem.finalize(self.plain(self.model))
 
 
 def _thumbnails(images: torch.Tensor, size: int = 32) -> torch.Tensor:

@@ -15,10 +15,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning import LightningDataModule
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MeanMetric
 
 from tunelab.contracts import ATTENTION_MASK, IGNORE_INDEX, INDEX, INPUT_IDS, LABELS
 from tunelab.data.teacher_cache import TeacherCache, check_static, load_or_build
@@ -33,7 +32,6 @@ from tunelab.tasks.distill_losses import (
     hidden_loss,
     kd_loss,
     masked_kd_loss,
-    soft_target_loss,
 )
 from tunelab.tasks.finetune import FinetuneTask
 from tunelab.tasks.mlm import MLMTask
@@ -60,10 +58,11 @@ class DistillTask(FinetuneTask):
         attention_weight: float = 0.0,
         init_from_teacher: bool = False,
         init_layers: list[int] | None = None,
+        student: str = "auto",
+        student_layers: int | None = None,
         cache_teacher: bool = False,
         cache_dir: str = ".cache",
         tuning: Tuning | None = None,
-        label_smoothing: float = 0.0,
         latency_repeats: int = 20,
     ) -> None:
         check_settings(alpha, temperature, hidden_weight, hidden_loss, attention_weight, cache_teacher)
@@ -71,15 +70,21 @@ class DistillTask(FinetuneTask):
             hidden_weight = attention_weight = 0.0
         loaded = teacher()  # first: a missing teacher is the likeliest mistake, and says how to make one
         check_data_fits(loaded, datamodule)
-        check_student_vocab(model, datamodule)
-        super().__init__(model, datamodule, optimizer, scheduler, tuning, label_smoothing, tune_now=False)
+        if student not in ("auto", "model"):
+            raise TunelabError(f"task.student={student!r} (expected auto: the teacher's own architecture with fewer "
+                               "layers when the teacher grew from a pretrained checkpoint; or model: model=)")
+        self.student_kind = "teacher_layers" if student == "auto" and smaller_copy_fits(loaded) else "model"
+        if self.student_kind == "model":
+            check_student_vocab(model, datamodule)
+        else:
+            model, init_from_teacher = smaller_copy(loaded, student_layers), True
+        model = initialised(model, loaded, init_layers) if init_from_teacher else model
+        super().__init__(model, datamodule, optimizer, scheduler, tuning, tune_now=False)
         self.teacher = loaded  # a plain object: not a submodule, so never trained, saved, exported or put in train()
         self.alpha, self.temperature = alpha, temperature
         self.hidden_weight, self.hidden_kind, self.attention_weight = hidden_weight, hidden_loss, attention_weight
         self.latency_repeats = latency_repeats
-        if init_from_teacher:
-            init_from(self.model, loaded, init_layers)
-        self.tune()  # after copying teacher layers: LoRA renames the layers it adapts
+        self.tune()  # after copying teacher layers (`initialised`): LoRA renames the layers it adapts
         wants_map = hidden_weight > 0 or attention_weight > 0
         self.layer_map = resolve_layer_map(layer_map, self.model, loaded) if wants_map else {}
         self.attention_pairs = attention_pairs(self.layer_map) if attention_weight > 0 else []
@@ -96,9 +101,8 @@ class DistillTask(FinetuneTask):
             if not getattr(datamodule, "with_index", False):
                 raise TunelabError("task.cache_teacher=true reads the teacher's outputs by sample index, but the "
                                    "DataModule gives no index (configure it with tunelab.train.configure_data)")
-        k = len(self.labels)
-        self.agreement = nn.ModuleDict({s: MulticlassAccuracy(k, average="micro") for s in ("train_", "val_", "test_")})
-        self.teacher_acc = nn.ModuleDict({s: MulticlassAccuracy(k, average="micro") for s in ("val_", "test_")})
+        self.agreement = nn.ModuleDict({s: MeanMetric() for s in ("train_", "val_", "test_")})
+        self.teacher_scores = nn.ModuleDict({s: self.problem.metrics() for s in ("val_", "test_")})
         self._eval_teacher: dict[tuple[str, int], torch.Tensor] = {}  # teacher logits per eval batch: run once
         self._latency_batch: dict[str, torch.Tensor] | None = None
 
@@ -161,7 +165,7 @@ class DistillTask(FinetuneTask):
         out = self.model(batch, output_hidden_states=self.text_layers, output_attentions=bool(self.attention_pairs))
         teacher = self._teacher_train_outputs(batch) if self.uses_teacher_in_training else {}
         losses = kd_loss(out.logits, teacher.get("logits"), batch[LABELS], self.alpha, self.temperature,
-                         self.label_smoothing)
+                         self.problem)
         mask = batch.get(ATTENTION_MASK)
         if self.hidden_weight > 0:
             student = outputs_by_layer(out, set(self.layer_map), [])
@@ -179,15 +183,15 @@ class DistillTask(FinetuneTask):
         total = losses.pop("loss")
         self.log("train/loss", total, prog_bar=True, batch_size=n)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=n)
-        labelled = batch[LABELS] != IGNORE_INDEX
-        self.train_metrics.update(out.logits[labelled], batch[LABELS][labelled])
+        self.scores.update("train", out.logits.detach(), batch[LABELS])
         if "logits" in teacher:
-            self.agreement["train_"].update(out.logits, teacher["logits"].argmax(-1))
+            self.agreement["train_"].update(self.problem.agreement(out.logits.detach(), teacher["logits"]), n)
             self.log("train/agreement", self.agreement["train_"], on_step=False, on_epoch=True, batch_size=n)
         return total
 
     def _eval_step(self, batch: dict[str, torch.Tensor], batch_idx: int, split: str) -> torch.Tensor:
-        """Student CE and KD on an evaluation batch, teacher accuracy and agreement; the teacher runs once per batch."""
+        """Student loss and KD on an evaluation batch, the teacher's metrics and agreement; the teacher runs once
+        per batch."""
         logits = self(batch)
         key = (split, batch_idx)
         if key not in self._eval_teacher:
@@ -195,16 +199,18 @@ class DistillTask(FinetuneTask):
         teacher_logits = self._eval_teacher[key]
         labels = batch[LABELS]
         n = len(labels)
-        self.log(f"{split}/loss", F.cross_entropy(logits, labels), sync_dist=True, batch_size=n)
-        self.log(f"{split}/kd", soft_target_loss(logits, teacher_logits, self.temperature), sync_dist=True, batch_size=n)
-        self.agreement[f"{split}_"].update(logits, teacher_logits.argmax(-1))
-        self.teacher_acc[f"{split}_"].update(teacher_logits, labels)
+        self.log(f"{split}/loss", self.problem.loss(logits, labels), sync_dist=True, batch_size=n)
+        self.log(f"{split}/kd", self.problem.soft_loss(logits, teacher_logits, self.temperature), sync_dist=True,
+                 batch_size=n)
+        self.agreement[f"{split}_"].update(self.problem.agreement(logits, teacher_logits), n)
+        preds, target = self.problem.metric_inputs(teacher_logits, labels)
+        if len(target):
+            self.teacher_scores[f"{split}_"].update(preds, target)
+        self.scores.update(split, logits, labels)
         return logits
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        logits = self._eval_step(batch, batch_idx, "val")
-        self.val_metrics.update(logits, batch[LABELS])
-        self.val_confusion.update(logits, batch[LABELS])
+        self._eval_step(batch, batch_idx, "val")
 
     def on_validation_epoch_end(self) -> None:
         self._log_teacher_metrics("val")
@@ -213,16 +219,17 @@ class DistillTask(FinetuneTask):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         if batch_idx == 0:
             self._latency_batch = {k: v[:8] for k, v in batch.items() if torch.is_tensor(v)}
-        logits = self._eval_step(batch, batch_idx, "test")
-        self.test_metrics(logits, batch[LABELS])
-        self.log_dict(self.test_metrics, on_step=False, on_epoch=True, batch_size=len(batch[LABELS]))
+        self._eval_step(batch, batch_idx, "test")
 
     def on_test_epoch_end(self) -> None:
-        teacher_acc = self._log_teacher_metrics("test")
-        student_acc = self.test_metrics["acc"].compute()
+        teacher_value = self._log_teacher_metrics("test")
+        monitor = self.problem.monitor
+        student = self.scores.compute("test")
+        self.log_dict(student, sync_dist=True)
+        student_value = student[f"test/{monitor}"]
         student_params = sum(p.numel() for p in self.model.parameters())
         teacher_params = self.teacher.num_parameters()
-        values = {"test/acc_ratio": student_acc / teacher_acc.clamp(min=1e-8),
+        values = {f"test/{monitor}_ratio": student_value / teacher_value.clamp(min=1e-8),
                   "test/student_params": float(student_params), "test/teacher_params": float(teacher_params),
                   "test/param_ratio": student_params / teacher_params}
         if self._latency_batch is not None:
@@ -233,15 +240,59 @@ class DistillTask(FinetuneTask):
         self.log_dict({k: torch.as_tensor(float(v)) for k, v in values.items()})
 
     def _log_teacher_metrics(self, split: str) -> torch.Tensor:
-        teacher_acc = self.teacher_acc[f"{split}_"].compute()
-        self.log_dict({f"{split}/teacher_acc": teacher_acc, f"{split}/agreement": self.agreement[f"{split}_"].compute()},
-                      sync_dist=True)
-        self.teacher_acc[f"{split}_"].reset()
+        """`<split>/teacher_<monitor>` and `<split>/agreement`; returns the teacher's monitored value."""
+        monitor = self.problem.monitor
+        teacher_value = self.teacher_scores[f"{split}_"].compute()[monitor]
+        self.log_dict({f"{split}/teacher_{monitor}": teacher_value,
+                       f"{split}/agreement": self.agreement[f"{split}_"].compute()}, sync_dist=True)
+        self.teacher_scores[f"{split}_"].reset()
         self.agreement[f"{split}_"].reset()
-        return teacher_acc
+        return teacher_value
 
     def lr_groups(self) -> list:
         return [*super().lr_groups(), ("projections", self.projections, 1.0, lambda _: True)]
+
+
+# ----------------------------------------------------------------------------------------------- the student
+def smaller_copy_fits(teacher: Teacher) -> bool:
+    """`task.student=auto` makes the student from the teacher's own layers: for a text teacher that grew from a
+    pretrained checkpoint, whose layers know the language (a from-scratch student would start from nothing)."""
+    return teacher.modality == "text" and teacher.pretrained and teacher.head == "classifier"
+
+
+def smaller_copy(teacher: Teacher, layers: int | None) -> Callable[..., nn.Module]:
+    """A model factory for the teacher's architecture and widths with `layers` (default: half) layers: what
+    DistilBERT-style students are, reading the teacher's tokenizer (`conf/teacher/data`)."""
+    import copy
+
+    from transformers import AutoModelForSequenceClassification
+
+    from tunelab.models.text import TextModel
+
+    config = copy.deepcopy(teacher.net.net.config)
+    n = layers or max(1, config.num_hidden_layers // 2)
+    if not 1 <= n <= config.num_hidden_layers:
+        raise TunelabError(f"task.student_layers={layers} (expected 1 to the teacher's {config.num_hidden_layers})")
+    config.num_hidden_layers = n
+
+    def build(**kwargs: Any) -> nn.Module:
+        net = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
+        return TextModel("classifier", kwargs.get("labels"), net=net)
+
+    return build
+
+
+def initialised(model: Callable[..., nn.Module], teacher: Teacher, layers: list[int] | None) -> Callable[..., nn.Module]:
+    """The model factory, its networks started from teacher layers (`init_from`), head included: before the
+    problem prepares the head, which then sees a trained one."""
+
+    def build(**kwargs: Any) -> nn.Module:
+        net = model(**kwargs)
+        init_from(net, teacher, layers)
+        net.fresh_head = False
+        return net
+
+    return build
 
 
 # ----------------------------------------------------------------------------------------------- masked LM

@@ -41,9 +41,19 @@ def check_data_fits(teacher: Teacher, datamodule: LightningDataModule, labels: b
         raise TunelabError(f"teacher.path: the teacher {teacher.source} is a {teacher.modality} model but the data is "
                            f"{have} data (expected a teacher fine-tuned on this data)")
     if labels:
+        check_problem(teacher, datamodule)
         check_labels(teacher, list(datamodule.labels or []))
     check_normalisation(teacher, datamodule)
     check_vocabulary(teacher, datamodule)
+
+
+def check_problem(teacher: Teacher, datamodule: LightningDataModule) -> None:
+    """The teacher answers the problem the student learns (a regressor cannot teach a classifier)."""
+    mine, theirs = getattr(datamodule, "problem", None), teacher.problem
+    if mine is not None and theirs is not None and mine.name != theirs.name:
+        raise TunelabError(f"teacher.path: the teacher {teacher.source} is a {theirs.name} model but this run is "
+                           f"problem={mine.name} (expected a teacher trained on the same problem, or "
+                           f"problem={theirs.name})")
 
 
 def check_labels(teacher: Teacher, labels: list[str]) -> None:

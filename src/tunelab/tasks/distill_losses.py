@@ -1,7 +1,7 @@
 """Distillation losses: Hinton's soft targets with the hard labels, hidden-state and attention-map matching.
 
-`kd_loss` is `alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(p_teacher^T || p_student^T)`; the
-matching losses count real tokens only. `tunelab.tasks.distill` combines them.
+`kd_loss` is `alpha * hard loss + (1 - alpha) * soft loss`, the problem's (for classes `alpha * CE(student,
+labels) + (1 - alpha) * T^2 * KL(p_teacher^T || p_student^T)`); the matching losses count real tokens only. `tunelab.tasks.distill` combines them.
 """
 
 from __future__ import annotations
@@ -10,29 +10,21 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.contracts import IGNORE_INDEX
-
-
-def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """`T^2 * KL(softmax(teacher/T) || softmax(student/T))`, averaged over the rows (one row per prediction)."""
-    t = temperature
-    return F.kl_div(F.log_softmax(student_logits.float() / t, dim=-1), F.log_softmax(teacher_logits.float() / t, dim=-1),
-                    reduction="batchmean", log_target=True) * t * t
+from tunelab.problems import Problem
+from tunelab.problems.classification import Classification
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor, alpha: float,
-            temperature: float, label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
-    """Hinton KD: `alpha * CE + (1 - alpha) * soft-target loss`; each part returned for logging.
-
-    CE averages over the labelled rows only: rows labelled -100 (a transfer set, `data.unlabelled_file`)
-    learn from the teacher alone. Summed then divided, so a batch without labels gives 0, not NaN.
-    """
-    labelled = (labels != IGNORE_INDEX).sum().clamp(min=1)
-    ce = F.cross_entropy(student_logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum",
-                         label_smoothing=label_smoothing) / labelled
+            temperature: float, problem: Problem | None = None) -> dict[str, torch.Tensor]:
+    """Hinton KD: `alpha * hard loss + (1 - alpha) * soft loss`, both the problem's (classification: CE and
+    `T^2 * KL`); each part returned for logging. The hard loss counts labelled rows only: unlabelled ones (a
+    transfer set, `data.unlabelled_file`) learn from the teacher alone, and a batch without labels gives 0."""
+    problem = problem or Classification()
+    hard = problem.loss(student_logits, labels)
     if teacher_logits is None or alpha >= 1:
-        return {"loss": ce, "ce": ce}
-    kd = soft_target_loss(student_logits, teacher_logits, temperature)
-    return {"loss": alpha * ce + (1 - alpha) * kd, "ce": ce, "kd": kd}
+        return {"loss": hard, "ce": hard}
+    kd = problem.soft_loss(student_logits, teacher_logits, temperature)
+    return {"loss": alpha * hard + (1 - alpha) * kd, "ce": hard, "kd": kd}
 
 
 def hidden_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None, kind: str) -> torch.Tensor:

@@ -1,7 +1,9 @@
-"""Fine-tuning: a pretrained (or from-scratch) backbone and a classification head, trained on labels.
+"""Fine-tuning: a pretrained (or from-scratch) backbone and a head, trained on the targets of a problem.
 
-How much of the backbone trains (full, head only, top k blocks, BitFit, LoRA, layer-wise rates) is the
-`tuning` the task is given (`tunelab.models.tuning`); with LoRA the export is the merged network.
+The problem (`tunelab.problems`, from the DataModule) gives the head's size, the loss and the metrics:
+single-label classes, real-valued scores or label sets alike. How much of the backbone trains (full, head only,
+top k blocks, BitFit, LoRA, layer-wise rates) is the `tuning` the task is given (`tunelab.models.tuning`); with
+LoRA the export is the merged network.
 """
 
 from __future__ import annotations
@@ -10,20 +12,18 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning import LightningDataModule
 from torch import nn
-from torchmetrics import MaxMetric
-from torchmetrics.classification import MulticlassConfusionMatrix
+from torch.utils.data import DataLoader
 
 from tunelab.contracts import LABELS
 from tunelab.errors import TunelabError
 from tunelab.models.tuning import Tuning
-from tunelab.tasks.base import Task, classification_metrics, log_confusion_matrix
+from tunelab.tasks.base import Scores, Task
 
 
 class FinetuneTask(Task):
-    """Cross-entropy on labelled data, with accuracy and macro-F1 for every split."""
+    """The problem's loss on labelled data, with its metrics for every split."""
 
     learns_from_unlabelled = False
 
@@ -34,7 +34,6 @@ class FinetuneTask(Task):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
         tuning: Tuning | None = None,
-        label_smoothing: float = 0.0,
         tune_now: bool = True,
     ) -> None:
         """`tune_now=False`: a subclass changes the model first and calls `self.tune()` itself."""
@@ -44,17 +43,14 @@ class FinetuneTask(Task):
                 "task=distill, whose teacher labels them (expected data.unlabelled_file=null for this task)"
             )
         super().__init__(optimizer, scheduler, tuning)
+        self.problem = datamodule.problem
         self.labels = list(datamodule.labels)
         self.tokenizer = getattr(datamodule, "tokenizer", None)
         self.data_config = getattr(datamodule, "data_config", None)  # image preprocessing, for the export
-        self.model = model(head="classifier", labels=self.labels, tokenizer=self.tokenizer)
-        self.label_smoothing = label_smoothing
-        k = len(self.labels)
-        self.train_metrics = classification_metrics(k).clone(prefix="train/")
-        self.val_metrics = classification_metrics(k).clone(prefix="val/")
-        self.test_metrics = classification_metrics(k).clone(prefix="test/")
-        self.val_acc_best = MaxMetric()
-        self.val_confusion = MulticlassConfusionMatrix(k)
+        self.model = model(head="classifier", labels=self.labels, tokenizer=self.tokenizer,
+                           problem_type=self.problem.hf_problem_type)
+        self.problem.prepare(self.model, fresh_head=getattr(self.model, "fresh_head", True))
+        self.scores = Scores(self.problem)
         if tune_now:
             self.tune()
 
@@ -62,44 +58,56 @@ class FinetuneTask(Task):
         return self.model(batch).logits
 
     def _step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self(batch)
-        loss = F.cross_entropy(logits, batch[LABELS], label_smoothing=self.label_smoothing)
-        return loss, logits
+        outputs = self(batch)
+        return self.problem.loss(outputs, batch[LABELS]), outputs
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, logits = self._step(batch)
-        n = len(batch[LABELS])
-        self.train_metrics.update(logits, batch[LABELS])
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        loss, outputs = self._step(batch)
+        self.scores.update("train", outputs.detach(), batch[LABELS])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch[LABELS]))
         return loss
 
     def on_train_epoch_end(self) -> None:
-        """Training accuracy/F1 over the epoch: computed (and synchronised) once, not at every step."""
-        self.log_dict(self.train_metrics.compute(), sync_dist=True)
-        self.train_metrics.reset()
+        """Training metrics over the epoch: computed (and synchronised) once, not at every step."""
+        self.log_dict(self.scores.compute("train"), sync_dist=True)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss, logits = self._step(batch)
-        n = len(batch[LABELS])
-        self.val_metrics.update(logits, batch[LABELS])
-        self.val_confusion.update(logits, batch[LABELS])
-        self.log("val/loss", loss, sync_dist=True, batch_size=n)
+        loss, outputs = self._step(batch)
+        self.scores.update("val", outputs, batch[LABELS])
+        self.log("val/loss", loss, sync_dist=True, batch_size=len(batch[LABELS]))
 
     def on_validation_epoch_end(self) -> None:
-        metrics = self.val_metrics.compute()
-        self.val_metrics.reset()
+        metrics = self.scores.compute("val")
         self.log_dict(metrics, prog_bar=True, sync_dist=True)
-        self.val_acc_best(metrics["val/acc"])
-        self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
-        log_confusion_matrix(self, self.val_confusion, "val/confusion_matrix", self.labels)
+        self.scores.log_validation(self, metrics)
+
+    def on_test_epoch_start(self) -> None:
+        """A problem that decides with thresholds chooses them on the validation split, for the tested weights
+        (every rank reads the whole split, so all choose the same)."""
+        calibrate = getattr(self.problem, "calibrate", None)
+        datamodule = self.trainer.datamodule
+        if calibrate is None or datamodule is None or "val" not in getattr(datamodule, "datasets", {}):
+            return
+        loader = DataLoader(datamodule.datasets["val"], batch_size=datamodule.eval_batch_size,
+                            collate_fn=datamodule.collate_fn())
+        preds, targets = [], []
+        with torch.inference_mode():
+            for batch in loader:
+                batch = self.transfer_batch_to_device(batch, self.device, 0)
+                p, t = self.problem.metric_inputs(self(batch), batch[LABELS])
+                preds.append(p)
+                targets.append(t)
+        calibrate(torch.cat(preds), torch.cat(targets))
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss, logits = self._step(batch)
-        n = len(batch[LABELS])
-        self.test_metrics(logits, batch[LABELS])
-        self.log("test/loss", loss, sync_dist=True, batch_size=n)
-        self.log_dict(self.test_metrics, on_step=False, on_epoch=True, batch_size=n)
+        loss, outputs = self._step(batch)
+        self.scores.update("test", outputs, batch[LABELS])
+        self.log("test/loss", loss, sync_dist=True, batch_size=len(batch[LABELS]))
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.scores.compute("test"), sync_dist=True)
 
     def export_model(self) -> nn.Module:
-        """The network `model/` holds (written by `tunelab.artifacts.save`): with LoRA, adapters merged in."""
-        return self.plain(self.model)
+        """The network `model/` holds (written by `tunelab.artifacts.save`): with LoRA, adapters merged in; its
+        outputs as the problem answers from them (e.g. regression in the targets' units)."""
+        return self.problem.finalize(self.plain(self.model))

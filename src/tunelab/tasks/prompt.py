@@ -39,8 +39,11 @@ class PromptTask(FinetuneTask):
         tuning: Tuning | None = None,
         templates: Sequence[str] = ("{text} It was {mask}.",),
         verbalizer: Mapping[str, Sequence[str]] | None = None,
-        label_smoothing: float = 0.0,
     ) -> None:
+        problem = getattr(datamodule, "problem", None)
+        if problem is not None and problem.name != "classification":
+            raise TunelabError(f"task=prompt classifies through label words, one class per record (expected "
+                               f"problem=classification, got problem={problem.name}; use task=finetune)")
         collator = getattr(datamodule, "masking", None)
         if not isinstance(collator, PromptCollator):
             raise TunelabError("task=prompt needs labelled text batched by tunelab.data.prompts.PromptCollator "
@@ -48,7 +51,7 @@ class PromptTask(FinetuneTask):
         lm = model(head="masked_lm", tokenizer=datamodule.tokenizer)
         network = PromptClassifier(lm, datamodule.tokenizer, list(templates), verbalizer or {}, datamodule.labels,
                                    collator.max_length)
-        super().__init__(lambda **_: network, datamodule, optimizer, scheduler, tuning, label_smoothing)
+        super().__init__(lambda **_: network, datamodule, optimizer, scheduler, tuning)
 
     def export_adapter(self, base: str | None) -> None:
         """The merged masked LM is the export (a LoRA adapter alone is written for classifiers only)."""

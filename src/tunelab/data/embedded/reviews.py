@@ -8,6 +8,17 @@ The label is always the polarity of the review's last clause (2% of labels are f
 Negation ("not gripping"), contrast ("..., but ...") and mixed reviews whose verdict overrides the body
 cap a bag-of-words classifier at about 0.85 test accuracy, while a model that reads word order can
 learn the rule and approach the 0.98 that the noise allows.
+
+Every labelled record also carries two targets for regression and multi-label problems, both derived
+without new random draws, so `text`, `label` and `domain` are exactly those of version 2:
+
+- `stars` (int, 1-5): the rating the text supports, from the polarity of each sentiment phrase against
+  the final one, a negated phrase ("not bad") counting as faint. A review of plain, unanimous praise gets
+  5 (blame 1), one with a contrast or faint words 4 (or 2), a verdict overruling its body 3. Stars follow
+  the text, so positive labels have 3-5 stars and negative ones 1-3, except where noise flipped the label.
+- `aspects` (sorted list of 1-4 str from ASPECT_TAGS): the generic aspects the text names, read from the
+  text itself through TAG_PHRASES (the domains' aspect nouns, telling verbs and adjectives, and the
+  purchase fillers); a review naming none judges the product as a whole and is tagged "quality".
 """
 
 from __future__ import annotations
@@ -20,7 +31,9 @@ from typing import TypeVar
 
 import numpy as np
 
-VERSION = "2"
+from tunelab.data.embedded.review_targets import aspects, stars
+
+VERSION = "3"
 SEED = 2007
 DOMAINS = ("books", "dvd", "electronics", "kitchen")
 LABELS = ("negative", "positive")  # polarity index 0 / 1
@@ -184,6 +197,7 @@ class _Dice:
         self._rng = np.random.default_rng(list(seed))
         self._buf: list[float] = []
         self._pos = 0
+        self.said: list[tuple[int, bool]] = []  # (polarity, negated) of each sentiment phrase, for the stars
 
     def random(self) -> float:
         if self._pos == len(self._buf):
@@ -220,7 +234,9 @@ class _Dice:
 
 def _polar(d: _Dice, pools: tuple[Sequence[str], Sequence[str]], p: int, verb: bool = False) -> str:
     """A phrase of polarity p, sometimes as a negated opposite so a word's sign depends on its neighbour."""
-    if d.chance(NEGATION):
+    negated = d.chance(NEGATION)
+    d.said.append((p, negated))
+    if negated:
         return f"{'never' if verb else d.pick(NEGATORS)} {d.pick(pools[1 - p])}"
     return ("" if verb else d.pick(INTENSIFIERS)) + d.pick(pools[p])
 
@@ -306,6 +322,7 @@ def review(d: _Dice, dom: Domain, p: int) -> str:
     """A review of 2-5 sentences and 20-60 words whose final clause has polarity p, with neutral filler."""
     dom = replace(dom, products=(d.pick(dom.products),))  # one product per review
     while True:
+        d.said.clear()  # a rejected draft's phrases are not in the review
         sentences, used = _opinions(d, dom, p), set()
         fillers = d.randint(0, 2)
         while len(sentences) < MAX_SENTENCES and (fillers > 0 or _words(sentences) < MIN_WORDS):
@@ -319,18 +336,22 @@ def _words(sentences: list[str]) -> int:
     return sum(s.count(" ") + 1 for s in sentences)
 
 
-def _labelled(d: _Dice, dom: Domain, size: int, seen: set[str]) -> list[dict[str, str]]:
-    """Balanced labelled reviews with a symmetric NOISE fraction of flipped labels (balance is kept)."""
+def _labelled(d: _Dice, dom: Domain, size: int, seen: set[str]) -> list[dict]:
+    """Balanced labelled reviews with a symmetric NOISE fraction of flipped labels (balance is kept).
+
+    Stars are those of the text as written, so a flipped label may disagree with them, like a real rater.
+    """
     polarities = [i % 2 for i in range(size)]
     d.shuffle(polarities)
-    texts = [_fresh(d, dom, p, seen) for p in polarities]
+    written = [(_fresh(d, dom, p, seen), stars(d.said, p)) for p in polarities]
     flips = round(size * NOISE / 2)
     for p in (0, 1):
         members = [i for i, q in enumerate(polarities) if q == p]
         d.shuffle(members)
         for i in members[:flips]:
             polarities[i] = 1 - p
-    return [{"text": t, "label": LABELS[p], "domain": dom.name} for t, p in zip(texts, polarities, strict=True)]
+    return [{"text": t, "label": LABELS[p], "domain": dom.name, "stars": s, "aspects": aspects(t)}
+            for (t, s), p in zip(written, polarities, strict=True)]
 
 
 def _fresh(d: _Dice, dom: Domain, p: int, seen: set[str]) -> str:
@@ -369,7 +390,7 @@ def _write_union(folder: Path, union: dict[str, list]) -> None:
             _write_jsonl(folder / f"{split}.jsonl", shuffled)
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
     _write_lines(path, [json.dumps(row) for row in rows])
 
 

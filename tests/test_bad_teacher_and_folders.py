@@ -58,7 +58,7 @@ def test_a_good_folder_and_a_run_folder_pass(tiny_hf_dir: Path, tmp_path: Path) 
 
 
 def test_a_missing_teacher_is_named_by_load_teacher() -> None:
-    from tunelab.models.teacher import load_teacher
+    from tunelab.tasks.teacher import load_teacher
 
     with pytest.raises(TunelabError, match="^teacher.path: /nonexistent is not a folder"):
         load_teacher("/nonexistent")

@@ -24,9 +24,9 @@ from transformers import (
 from tunelab import artifacts
 from tunelab.data.teacher_cache import load_or_build
 from tunelab.errors import TunelabError
-from tunelab.models.teacher import load_teacher
 from tunelab.models.vision import ImageModel
 from tunelab.tasks.distill_losses import hidden_loss, kd_loss
+from tunelab.tasks.teacher import load_teacher
 from tunelab.train import configure_data, run
 
 WORDS = ("book", "kettle", "phone", "film", "lamp", "chair")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import FAST, compose_cfg
-from tests.test_predict import predict, rows
+from tests.test_predict import predict, rows, tiny_classifier  # noqa: F401 (a module fixture)
 from tunelab import artifacts
 from tunelab.errors import TunelabError
 from tunelab.problems.classification import Classification
@@ -118,6 +118,38 @@ def test_regression_run_logs_its_metrics_and_exports_original_units(stars_run: P
     assert config["problem_type"] == "regression" and len(config["id2label"]) == 1
 
 
+def test_tensorboard_draws_each_problems_figure(stars_run: Path, aspects_run: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for run, tag in ((stars_run, "val/predicted_vs_true"), (aspects_run, "val/per_label_f1")):
+        events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+        events.Reload()
+        assert tag in events.Tags()["images"], events.Tags()["images"]
+
+
+def test_a_target_the_models_problem_cannot_read_is_an_error_row(stars_run: Path, tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"text": "fine", "stars": 4}) + "\n" + json.dumps({"text": "ok", "stars": "many"}) + "\n")
+    summary = predict(stars_run / "model", source, tmp_path / "out.jsonl", **{"data.label_field": "stars"})
+    [error] = rows(tmp_path / "out.errors.jsonl")
+    assert summary["predicted"] == 1 and error["line"] == 2 and "'many' is not a number" in error["error"]
+    with pytest.raises(TunelabError, match=r"in.jsonl:2: target 'many' is not a number"):
+        predict(stars_run / "model", source, tmp_path / "out2.jsonl", on_error="fail",
+                **{"data.label_field": "stars"})
+    assert not (tmp_path / "out2.jsonl").exists()
+
+
+def test_a_card_written_before_problems_loads_as_a_classifier(tiny_classifier: Path, tmp_path: Path) -> None:  # noqa: F811
+    import shutil
+
+    folder = Path(shutil.copytree(tiny_classifier, tmp_path / "old"))
+    card = json.loads((folder / "tunelab.json").read_text())
+    card.pop("problem", None)
+    (folder / "tunelab.json").write_text(json.dumps(card))
+    loaded = artifacts.load(folder)
+    assert loaded.problem.name == "classification" and loaded.problem.outputs == loaded.labels
+
+
 def test_plain_pipeline_returns_the_values_predict_writes(stars_run: Path, tmp_path: Path) -> None:
     from transformers import pipeline
 
@@ -213,10 +245,13 @@ def check_variants(run: Path, name: str) -> None:
             after = loaded.net(batch).logits
         torch.testing.assert_close(after, expected[variant], atol=1e-4, rtol=0)
 
-    cfg = compose([f"source={run}", "latency.repeats=2", "latency.warmup=1", "latency.batch_sizes=[1]",
-                   "eval.limit_batches=2"], run.parent / "logs" / "compress" / "run", run.parent / "logs")
+    cfg = compose([f"source={run}", "prune=heads_ffn", "prune.heads=0.25", "prune.ffn=0.25", "latency.repeats=2",
+                   "latency.warmup=1", "latency.batch_sizes=[1]", "eval.limit_batches=2", "importance.limit_batches=2"],
+                  run.parent / "logs" / "compress" / "run", run.parent / "logs")
     result = compress(cfg)
     rows_by_name = {row["variant"]: row for row in result["rows"]}
-    assert set(rows_by_name) == {"fp32", "int8 (torch)", "ONNX fp32", "ONNX int8"}
+    assert {"fp32", "pruned", "int8 (torch)", "ONNX fp32", "ONNX int8", "pruned+int8 (ONNX)"} <= set(rows_by_name)
+    assert rows_by_name["pruned"]["params"] < rows_by_name["fp32"]["params"]
+    assert artifacts.load(Path(cfg.paths.output_dir) / "pruned").problem.card() == source.problem.card()
     assert rows_by_name["fp32"]["agreement"] == pytest.approx(1.0)
     assert all(math.isfinite(row["score"]) and row["agreement"] > 0.5 for row in rows_by_name.values())

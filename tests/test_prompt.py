@@ -113,7 +113,7 @@ def test_exported_classifier_carries_its_prompt_and_predicts_from_plain_batches(
     ("{text} {mask} and {mask}", "has 2 {mask} slots"),
 ])
 def test_templates_need_one_text_and_one_mask_slot(template: str, message: str) -> None:
-    from tunelab.data.prompts import check_template
+    from tunelab.cloze import check_template
 
     with pytest.raises(TunelabError, match=message.replace("{", r"\{").replace("}", r"\}")):
         check_template(template)

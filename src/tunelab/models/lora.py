@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from torch import nn
 
 from tunelab.errors import TunelabError
+from tunelab.models.head_params import head_modules
 
-if TYPE_CHECKING:
-    from tunelab.models.tuning import Tuning
+
+class LoraSettings(Protocol):
+    """What `inject` reads of a `tunelab.models.tuning.Tuning` (typed here, so lora does not import tuning,
+    which calls lora)."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: list[str] | str | None
 
 # BERT-family attention projections LoRA adapts by default (Hu et al. 2021: queries and values)
 TEXT_TARGETS = {
@@ -65,7 +73,7 @@ def matches(net: nn.Module, targets: list[str] | str) -> list[str]:
     return [n for n in names if any(n == t or n.endswith(f".{t}") for t in targets)]
 
 
-def inject(model: nn.Module, tuning: Tuning) -> None:
+def inject(model: nn.Module, tuning: LoraSettings) -> None:
     """Add LoRA adapters to `model.net`; `model.lora_targets` records what they adapt, for the export."""
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -106,8 +114,6 @@ def merged(model: nn.Module) -> nn.Module:
 def saved_module_names(model: nn.Module) -> list[str]:
     """peft's `modules_to_save`: the head, and a pooler the base checkpoint may lack (a masked LM's has none, so
     `from_pretrained` would draw it anew); masked LMs keep their own head."""
-    from tunelab.models.tuning import head_modules
-
     if getattr(model, "head", "classifier") != "classifier":
         return []
     keep = [*head_modules(model), getattr(getattr(model.net, "base_model", None), "pooler", None)]

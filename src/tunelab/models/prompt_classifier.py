@@ -4,7 +4,8 @@ The class score is the masked-LM logit of the label's words at the template's ma
 label's words), computed from the head's features against those words' output-embedding rows only, never the
 whole vocabulary. With several templates their log-probabilities are averaged (an ensemble). A batch that
 is not a prompt yet (plain tokenized text, as any tool makes it) is put into the templates first, so the
-exported classifier predicts from the same batches as every other text classifier.
+exported classifier predicts from the same batches as every other text classifier. The template format is
+`tunelab.cloze`, shared with the training collator.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from tunelab.artifacts.kinds import PROMPT_CLASSIFIER
+from tunelab.cloze import Prompts
+from tunelab.cloze import word_ids as label_words
 from tunelab.contracts import ATTENTION_MASK, INPUT_IDS, MLM_LABELS, Output
-from tunelab.data.prompts import PromptCollator
-from tunelab.data.prompts import word_ids as label_words
 
 
 class PromptClassifier(nn.Module):
@@ -26,13 +26,13 @@ class PromptClassifier(nn.Module):
 
     modality = "text"
     head = "masked_lm"
-    artifact_kind = PROMPT_CLASSIFIER
+    artifact_kind = "prompt-classifier"  # tunelab.artifacts.kinds.PROMPT_CLASSIFIER (artifacts builds models, not back)
 
     def __init__(self, lm: nn.Module, tokenizer: Any, templates: Sequence[str], verbalizer: Mapping[str, Any],
                  labels: Sequence[str], max_length: int) -> None:
         """Fails (naming the word) on a label word that is not one token of `tokenizer`."""
         super().__init__()
-        self.collator = PromptCollator(tokenizer, list(templates), max_length)
+        self.prompts = Prompts(tokenizer, list(templates), max_length)
         word_ids, word_label = label_words(tokenizer, verbalizer, labels, templates)
         self.labels = list(labels)
         self.verbalizer = {str(k): [str(w) for w in (v if isinstance(v, Sequence) and not isinstance(v, str) else [v])]
@@ -51,8 +51,8 @@ class PromptClassifier(nn.Module):
 
     def card_fields(self) -> dict[str, Any]:
         """What the exported folder's card carries, so that `artifacts.load` rebuilds this classifier."""
-        return {"prompt": {"templates": [t.source for t in self.collator.templates], "verbalizer": self.verbalizer,
-                           "max_length": self.collator.max_length}}
+        return {"prompt": {"templates": [t.source for t in self.prompts.templates], "verbalizer": self.verbalizer,
+                           "max_length": self.prompts.max_length}}
 
     @property
     def mlm_head(self) -> nn.Module:
@@ -65,7 +65,7 @@ class PromptClassifier(nn.Module):
         ids, mask = batch[INPUT_IDS], batch.get(ATTENTION_MASK)
         records = [row[m.bool()].tolist() if mask is not None else row.tolist()
                    for row, m in zip(ids, mask if mask is not None else ids, strict=True)]
-        return {k: v.to(ids.device) for k, v in self.collator.rows(records).items()}
+        return {k: v.to(ids.device) for k, v in self.prompts.rows(records).items()}
 
     def word_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The label words' logits at each row's mask (rows × words): the head's features against those words'
@@ -81,5 +81,5 @@ class PromptClassifier(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], **_: bool) -> Output:
         batch = self.prompt(batch)
         scores = (self.word_logits(batch).float() @ self.average.T).log_softmax(-1)
-        templates = len(self.collator.templates)
+        templates = len(self.prompts.templates)
         return Output(scores.view(templates, -1, scores.shape[-1]).mean(0), scores)

@@ -8,7 +8,7 @@ Parameters are placed by depth, after ELECTRA's layer-wise decay: 0 the embeddin
 blocks, n+1 what sits above them (pooler, final norm), n+2 the head. The head is the model's own classifier
 (for a masked LM: its head's transform and output bias, never the output embeddings it shares with the
 input). With `layer_decay=d` a parameter at depth i trains at `lr * d ** (n + 2 - i)`. LoRA goes through
-`peft` (`tunelab.models.lora`).
+`peft` (`tunelab.models.lora`); which parameters are the head, `tunelab.models.head_params` says.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from tunelab.errors import TunelabError
+from tunelab.models.head_params import head_modules, head_names
 
 METHODS = ("full", "head", "top_k", "bitfit", "lora")
 # a block's index in a parameter name: BERT-family `encoder.layer.3.`, DistilBERT `transformer.layer.3.`,
@@ -113,27 +114,6 @@ def check(t: Tuning) -> None:
 
 
 # ----------------------------------------------------------------------------- where parameters sit
-def head_modules(model: nn.Module) -> list[nn.Module]:
-    """The modules of the head: a text classifier's modules outside its encoder (BERT's classifier,
-    DistilBERT's pre_classifier and classifier), timm's classifier, or a masked LM's head (see `head_names`)."""
-    if getattr(model, "head", "classifier") == "masked_lm":
-        return [model.mlm_head]
-    if getattr(model, "modality", "") == "text":
-        net = model.net
-        return [m for m in net.children() if m is not net.base_model and any(True for _ in m.parameters())]
-    return [model.classifier]
-
-
-def head_names(model: nn.Module) -> set[str]:
-    """Names (as `model.named_parameters` gives them) of the head's parameters; a masked LM's output embeddings
-    are its input embeddings too, so they stay with the backbone."""
-    shared = set()
-    if getattr(model, "modality", "") == "text":
-        shared = {id(p) for p in model.net.get_input_embeddings().parameters()}
-    ids = {id(p) for m in head_modules(model) for p in m.parameters()} - shared
-    return {name for name, p in model.named_parameters() if id(p) in ids}
-
-
 def depths(model: nn.Module) -> tuple[Callable[[str], int], int]:
     """A parameter name's depth (0 embeddings, 1..n blocks, n+1 above them, n+2 the head) and n."""
     if getattr(model, "modality", "") == "image":

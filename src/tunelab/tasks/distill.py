@@ -2,11 +2,12 @@
 
 The loss is Hinton et al.'s `alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(p_teacher^T || p_student^T)`,
 optionally plus hidden-state matching (through learned projections when widths differ) and, for text,
-attention-map matching (`tunelab.tasks.distill_losses`). The teacher (see `tunelab.models.teacher`) is frozen
-and is never part of this module's state; with `cache_teacher` its training-set outputs are read from a
-memory-mapped cache (`tunelab.data.teacher_cache`) instead of recomputed every epoch. `task.alpha=1` trains the
-same student on the labels alone, the no-distillation baseline. Settings and the fit of teacher, student and
-data are checked first (`tunelab.tasks.distill_checks`); layers are paired and copied by `tunelab.models.surgery`.
+attention-map matching (`tunelab.tasks.distill_losses`). The teacher (`tunelab.models.teacher`, loaded by
+`tunelab.tasks.teacher`) is frozen and is never part of this module's state; with `cache_teacher` its
+training-set outputs are read from a memory-mapped cache (`tunelab.data.teacher_cache`) instead of recomputed
+every epoch. `task.alpha=1` trains the same student on the labels alone, the no-distillation baseline.
+Settings and the fit of teacher, student and data are checked first (`tunelab.tasks.distill_checks`); layers
+are paired and copied by `tunelab.models.surgery`.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ from lightning import LightningDataModule
 from omegaconf import DictConfig
 from torch import nn
 
-from tunelab.data.prompts import PromptCollator, check_template
+from tunelab.cloze import check_template
+from tunelab.data.prompts import PromptCollator
 from tunelab.errors import TunelabError
 from tunelab.models.prompt_classifier import PromptClassifier
 from tunelab.models.tuning import Tuning

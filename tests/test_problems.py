@@ -165,6 +165,28 @@ def test_plain_pipeline_returns_the_values_predict_writes(stars_run: Path, tmp_p
     assert summary["labelled"] == len(texts) and math.isfinite(summary["mae"])
 
 
+def test_several_regression_targets_from_a_users_csv(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    words = ["good", "bad", "fine", "cheap", "dear", "fast", "slow"]
+    lines = ["text,price,speed"]
+    for _ in range(120):
+        picked = rng.choice(words, 4)
+        lines.append(f"{' '.join(picked)},{10 * (picked == 'dear').sum() + 2.5:.1f},{(picked == 'fast').sum() * 3 - 1}")
+    data = tmp_path / "scores.csv"
+    data.write_text("\n".join(lines) + "\n")
+    out = train(["problem=regression", "data=text_files", f"data.train_file={data}", "data.label_field=[price,speed]",
+                 "data.labels=null"], tmp_path / "run")
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert math.isfinite(metrics["test/spearman"]) and math.isfinite(metrics["test/mae"])
+    card = json.loads((out / "model" / "tunelab.json").read_text())["problem"]
+    assert card["targets"] == ["price", "speed"] and len(card["mean"]) == len(card["std"]) == 2
+    source = tmp_path / "in.txt"
+    source.write_text("good cheap fast fast\n")
+    predict(out / "model", source, tmp_path / "out.jsonl")
+    [row] = rows(tmp_path / "out.jsonl")
+    assert set(row["scores"]) == {"price", "speed"}
+
+
 def test_regression_int8_and_onnx_reload_with_the_same_outputs(stars_run: Path) -> None:
     check_variants(stars_run, "regression")
 

@@ -13,7 +13,7 @@ and serve returns. A record without a target (a distillation transfer set) is st
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -97,13 +97,9 @@ def final_linear(head: nn.Module, width: int) -> nn.Linear:
     return found[-1]
 
 
-def mean_over_outputs(value: torch.Tensor) -> torch.Tensor:
-    """One figure from per-output values (torchmetrics returns one per output when there are several)."""
-    return value.float().mean() if value.dim() else value
-
-
 class MeanOver(Metric):
-    """A per-output torchmetrics metric reported as its mean over outputs (Pearson/Spearman with k targets)."""
+    """A per-output torchmetrics metric reported as its mean over outputs (one scalar to log and monitor with k
+    targets), taking (n, k) inputs for any k, 1 included."""
 
     full_state_update = False
 
@@ -116,12 +112,31 @@ class MeanOver(Metric):
                           target.squeeze(-1) if target.shape[-1] == 1 else target)
 
     def compute(self) -> torch.Tensor:
-        return mean_over_outputs(self.inner.compute())
+        value = self.inner.compute()  # one value per output when there are several
+        return value.float().mean() if value.dim() else value
 
     def reset(self) -> None:
         super().reset()
         self.inner.reset()
 
 
-def rows_of(values: Iterable[float], names: list[str]) -> dict[str, float]:
-    return {name: float(v) for name, v in zip(names, values, strict=True)}
+class FloatRows:
+    """Targets stored as a row of floats per record (scores, multi-hot): NaN marks a record without one."""
+
+    outputs: list[str]
+
+    def missing(self) -> list[float]:
+        return [float("nan")] * len(self.outputs)
+
+    def labelled(self, targets: torch.Tensor) -> torch.Tensor:
+        return ~torch.isnan(targets).any(-1)
+
+
+class PlainOutputs:
+    """A network whose raw outputs (logits) are what the problem answers from: nothing to adapt or fold."""
+
+    def prepare(self, model: nn.Module, fresh_head: bool) -> None:
+        """Logits need no adapting."""
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        return model

@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
 from tunelab.contracts import IGNORE_INDEX
 from tunelab.errors import TunelabError
+from tunelab.problems.base import PlainOutputs
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -38,7 +38,7 @@ def soft_target_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: 
                     reduction="batchmean", log_target=True) * t * t
 
 
-class Classification:
+class Classification(PlainOutputs):
     """One of `outputs` per record."""
 
     name = "classification"
@@ -94,13 +94,6 @@ class Classification:
 
     def labelled(self, targets: torch.Tensor) -> torch.Tensor:
         return targets != IGNORE_INDEX
-
-    # ------------------------------------------------------------------ the network
-    def prepare(self, model: nn.Module, fresh_head: bool) -> None:
-        """Logits need no adapting."""
-
-    def finalize(self, model: nn.Module) -> nn.Module:
-        return model
 
     # ------------------------------------------------------------------ training
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

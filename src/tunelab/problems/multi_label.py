@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MultilabelAveragePrecision
 
 from tunelab.errors import TunelabError
+from tunelab.problems.base import FloatRows, PlainOutputs
 from tunelab.problems.classification import natural_order
 
 METRICS = ("f1_micro", "f1_macro", "map")
@@ -56,7 +56,7 @@ class ThresholdF1(Metric):
         return per_label if self.average == "none" else per_label.mean()
 
 
-class MultiLabel:
+class MultiLabel(FloatRows, PlainOutputs):
     """Any subset of `outputs` per record."""
 
     name = "multi_label"
@@ -104,19 +104,6 @@ class MultiLabel:
         for name in target:
             row[index[name]] = 1.0
         return row
-
-    def missing(self) -> list[float]:
-        return [float("nan")] * len(self.outputs)
-
-    def labelled(self, targets: torch.Tensor) -> torch.Tensor:
-        return ~torch.isnan(targets).any(-1)
-
-    # ------------------------------------------------------------------ the network
-    def prepare(self, model: nn.Module, fresh_head: bool) -> None:
-        """Logits need no adapting."""
-
-    def finalize(self, model: nn.Module) -> nn.Module:
-        return model
 
     # ------------------------------------------------------------------ training
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

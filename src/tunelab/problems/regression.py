@@ -21,7 +21,7 @@ from torchmetrics import CatMetric, Metric, MetricCollection
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, PearsonCorrCoef, SpearmanCorrCoef
 
 from tunelab.errors import TunelabError
-from tunelab.problems.base import MeanOver, as_list, final_linear
+from tunelab.problems.base import FloatRows, MeanOver, as_list, final_linear
 
 LOSSES = ("mse", "huber")
 METRICS = ("spearman", "pearson", "mae", "rmse")
@@ -72,7 +72,7 @@ class Scale(nn.Module):
         return output * self.std.to(output.dtype) + self.mean.to(output.dtype)
 
 
-class Regression:
+class Regression(FloatRows):
     """`len(outputs)` real values per record, one per target field."""
 
     name = "regression"
@@ -134,12 +134,6 @@ class Regression:
             raise TunelabError(f"{where}: {len(target)} target values (expected {len(self.outputs)}: {self.outputs})")
         return target
 
-    def missing(self) -> list[float]:
-        return [float("nan")] * len(self.outputs)
-
-    def labelled(self, targets: torch.Tensor) -> torch.Tensor:
-        return ~torch.isnan(targets).any(-1)
-
     # ------------------------------------------------------------------ the network
     def prepare(self, model: nn.Module, fresh_head: bool) -> None:
         """Scale the head's output to the original units. A loaded head outputs them already: its last layer is
@@ -199,8 +193,8 @@ class Regression:
         k = len(self.outputs)
         per_output = {"num_outputs": k} if k > 1 else {}
         return MetricCollection({
-            "mae": MeanAbsoluteError(num_outputs=k) if k > 1 else MeanAbsoluteError(),
-            "rmse": MeanSquaredError(squared=False, num_outputs=k) if k > 1 else MeanSquaredError(squared=False),
+            "mae": MeanOver(MeanAbsoluteError(**per_output)),
+            "rmse": MeanOver(MeanSquaredError(squared=False, **per_output)),
             "pearson": MeanOver(PearsonCorrCoef(**per_output)),
             "spearman": MeanOver(SpearmanCorrCoef(**per_output)),
         }, compute_groups=False)

@@ -10,10 +10,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from tunelab.cli import report_bad_input
 from tunelab.compress.config import SEARCHPATH
 from tunelab.errors import TunelabError
 from tunelab.runs import abandon
+from tunelab.runs.cli import report_bad_input
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="compress")

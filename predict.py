@@ -9,8 +9,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from tunelab.cli import report_bad_input
 from tunelab.errors import TunelabError
+from tunelab.runs.cli import report_bad_input
 
 
 @hydra.main(version_base="1.3", config_path="conf/deploy", config_name="predict")

@@ -25,7 +25,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":  # (inference workers are spawned: they import this file, and need none of train.py)
-    from tunelab.cli import report_bad_input
+    from tunelab.runs.cli import report_bad_input
 
     report_bad_input(main.__wrapped__)
     main()

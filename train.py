@@ -1,7 +1,7 @@
 """Entry point: `python train.py task=finetune data=reviews trainer=cpu` (see README).
 
 Bad input (a config Hydra cannot compose, a value the run cannot use) is one `error: ...` line and exit
-code 2 (`tunelab.cli`).
+code 2 (`tunelab.runs.cli`).
 """
 
 import sys
@@ -10,10 +10,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from tunelab.cli import report_bad_input
-from tunelab.distributed import isolated_job
 from tunelab.errors import TunelabError
 from tunelab.runs import abandon
+from tunelab.runs.cli import report_bad_input
+from tunelab.runs.distributed import isolated_job
 from tunelab.train import run
 
 

@@ -20,7 +20,7 @@ from conftest import FAST, ROOT, check_one_ddp_run, finished_trials, run_cli
 from omegaconf import OmegaConf
 from transformers import BertConfig, BertModel
 
-from tunelab.distributed import PARENT_PID_ENV, block_classes, launched_parent_pid
+from tunelab.runs.distributed import PARENT_PID_ENV, block_classes, launched_parent_pid
 
 TINY = ["data=text_files", "model.hidden_size=32", "model.intermediate_size=64", "trainer.max_epochs=1",
         "trainer.enable_progress_bar=false"]
@@ -171,7 +171,7 @@ def test_ddp_rank_dies_when_its_parent_is_killed(tmp_path: Path, data_file: Path
 
 GUARDED = textwrap.dedent('''
     import sys, time
-    from tunelab.distributed import guard_parent
+    from tunelab.runs.distributed import guard_parent
     guard_parent(int(sys.argv[1]), pdeathsig=sys.argv[2] == "1", interval=0.2)
     print("guarded", flush=True)
     time.sleep(600)

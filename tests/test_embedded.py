@@ -57,6 +57,22 @@ def test_unknown_name_lists_the_valid_ones(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())
 
 
+def test_composing_a_config_generates_nothing_prepare_data_does(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from hydra.utils import instantiate
+
+    from tunelab.config import compose_config
+
+    made: list[Path] = []
+    monkeypatch.setitem(embedded._GENERATORS, "reviews", (made.append, reviews.VERSION))
+    cfg = compose_config([f"paths.data_dir={tmp_path / 'data'}"], tmp_path / "run")
+    datamodule = instantiate(cfg.data)
+    assert datamodule.files["train"] == str(tmp_path / "data" / "reviews" / "all" / "train.jsonl")
+    assert not (tmp_path / "data").exists() and not made
+    datamodule.prepare_data()
+    assert len(made) == 1 and (tmp_path / "data" / "reviews" / MARKER).is_file()
+
+
 def test_second_call_reuses_the_data(root: Path, review_dir: Path, digit_dirs: tuple[Path, Path]) -> None:
     for name, folder in [("reviews", review_dir), ("digits", digit_dirs[0]), ("digits_m", digit_dirs[1])]:
         assert folder == root / name and (folder / MARKER).is_file()

@@ -121,6 +121,9 @@ def test_data_imports_nothing_from_models_or_tasks() -> None:
 FORBIDDEN = {
     "tunelab.models": ("tunelab.artifacts", "tunelab.data", "tunelab.tasks", "tunelab.compress", "tunelab.deploy",
                        "tunelab.train"),
+    "tunelab.artifacts": ("tunelab.tasks", "tunelab.compress", "tunelab.deploy", "tunelab.train"),
+    "tunelab.checks": ("tunelab.models", "tunelab.tasks", "tunelab.train", "tunelab.run_checks"),
+    "tunelab.deploy": ("tunelab.tasks", "tunelab.train", "tunelab.run_checks"),
 }
 
 
@@ -132,6 +135,18 @@ def test_lower_layers_import_nothing_from_higher_ones() -> None:
     wrong = {name: sorted(m for m in imported(path, module_level=False) if within(m, FORBIDDEN[layer]))
              for layer in FORBIDDEN for name, path in MODULES.items() if within(name, (layer,))}
     assert {k: v for k, v in wrong.items() if v} == {}
+
+
+def test_the_tools_after_training_reach_no_training_code() -> None:
+    """predict and serve read model/ folders: no import path, at any depth, leads them to tasks or the run."""
+    graph = {name: imported(path, module_level=False) for name, path in MODULES.items()}
+    seen: set[str] = set()
+    todo = [name for name in MODULES if within(name, ("tunelab.deploy",))]
+    while todo:
+        if (name := todo.pop()) not in seen:
+            seen.add(name)
+            todo.extend(graph[name])
+    assert sorted(m for m in seen if within(m, ("tunelab.tasks", "tunelab.train", "tunelab.run_checks"))) == []
 
 
 def test_no_module_is_over_400_lines() -> None:
@@ -149,11 +164,16 @@ def test_vision_models_import_without_transformers() -> None:
     python("import sys, tunelab.models.vision; assert 'transformers' not in sys.modules")
 
 
+def test_predict_and_serve_load_no_training_code() -> None:
+    python("import sys, tunelab.deploy.predict, tunelab.deploy.server\n"
+           "assert not [m for m in sys.modules if m.startswith('tunelab.tasks')], 'tasks loaded'\n")
+
+
 def test_importing_changes_nothing_global() -> None:
     python("from lightning.fabric.strategies.launchers import subprocess_script as fabric\n"
            "from lightning.pytorch.strategies.launchers import subprocess_script as trainer\n"
            "launchers = fabric._hydra_subprocess_cmd, trainer._hydra_subprocess_cmd\n"
-           "import tunelab.train, tunelab.callbacks, tunelab.models.dropout, tunelab.models.text\n"
+           "import tunelab.train, tunelab.runs.callbacks, tunelab.models.dropout, tunelab.models.text\n"
            "from omegaconf import OmegaConf\n"
            "from transformers import AttentionInterface\n"
            "assert (fabric._hydra_subprocess_cmd, trainer._hydra_subprocess_cmd) == launchers, 'launcher patched'\n"
@@ -164,8 +184,9 @@ def test_importing_changes_nothing_global() -> None:
 def test_configure_applies_the_runtime_switches() -> None:
     from lightning.pytorch.strategies.launchers import subprocess_script
 
-    from tunelab import distributed, runtime
+    from tunelab import runtime
     from tunelab.errors import TunelabError
+    from tunelab.runs import distributed
 
     try:
         assert runtime.configure(OmegaConf.create({"runtime": {"cpu_dropout": False}})).cpu_dropout is False
@@ -213,7 +234,7 @@ def test_a_model_unpickled_in_a_fresh_process_runs_its_cpu_attention(tmp_path: P
 
 
 def test_throughput_silences_its_flops_warning_only_while_it_updates() -> None:
-    from tunelab.callbacks import Throughput
+    from tunelab.runs.callbacks import Throughput
 
     before = list(warnings.filters)
     Throughput(window_size=2)

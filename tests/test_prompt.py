@@ -130,7 +130,7 @@ def test_a_verbalizer_word_of_several_tokens_is_named(tiny_hf_dir: Path, tokeniz
 def test_config_checks_catch_slots_and_a_backbone_without_masked_lm_head(tiny_hf_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForSequenceClassification
 
-    from tunelab.checks import check_values
+    from tunelab.run_checks import check_values
 
     classifier_dir = tmp_path / "classifier"
     AutoModelForSequenceClassification.from_pretrained(tiny_hf_dir, num_labels=2).save_pretrained(classifier_dir)

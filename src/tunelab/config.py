@@ -1,7 +1,8 @@
 """Config helpers: the resolvers Hydra needs before it composes, and validation before anything runs.
 
 `run_dir` puts each run in its own folder (timestamp + process id, so two runs started in the
-same second never share one) and sends `ckpt_path=last` back into the run it may continue (`runs`).
+same second never share one) and sends `ckpt_path=last` back into the run it may continue
+(`tunelab.runs.folder`).
 `validate` checks every `_target_` node against its signature, so a misspelt key in a YAML file
 fails with the valid keys listed instead of a TypeError halfway through start-up.
 """
@@ -24,10 +25,11 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def embedded(name: str, root: str) -> str:
-    """Generate an embedded dataset on first use and return its folder."""
-    from tunelab.data.embedded import ensure
+    """An embedded dataset's folder (`${embedded:reviews,${paths.data_dir}}`). Composing a config generates
+    nothing: a DataModule given the folder as `embedded` generates it in `prepare_data`."""
+    from tunelab.data.embedded import folder
 
-    return str(ensure(name, Path(root)))
+    return str(folder(name, Path(root)))
 
 
 def compose_config(overrides: list[str], output_dir: str | Path, log_dir: str | Path | None = None) -> DictConfig:

@@ -7,8 +7,8 @@ parts (all on by default):
   composes, so the entry points (`train.py`, `tunelab.config.compose_config`) register them first; this
   repeats it for any other caller.
 - `runtime.ddp_launcher`: Lightning's subprocess DDP launchers start ranks 1..N-1 with this job's own command
-  (`distributed.hydra_child_command`: right inside sweeps, and the ranks die with their parent). Off, Lightning's
-  own command is used from then on in this process (a launcher once patched stays patched).
+  (`tunelab.runs.distributed.hydra_child_command`: right inside sweeps, and the ranks die with their parent).
+  Off, Lightning's own command is used from then on in this process (a launcher once patched stays patched).
 - `runtime.cpu_dropout`: text models built from then on in this process draw dropout masks with
   `tunelab.models.dropout` (cheap on CPU, the same distribution); off, they keep `nn.Dropout` and `sdpa`.
 
@@ -34,8 +34,8 @@ settings = Settings()  # what `configure` last set; read when a model is built
 
 def configure(cfg: Any) -> Settings:
     """Apply `cfg.runtime` to this process (each key checked) and return the settings in force."""
-    from tunelab import distributed
     from tunelab.config import register_resolvers
+    from tunelab.runs import distributed
 
     given = dict(cfg.get("runtime") or {})
     names = [f.name for f in fields(Settings)]

@@ -1,6 +1,11 @@
 """One run, any task: validate -> instantiate -> fit -> test -> write artifacts -> return the metric.
 
 This is the only place that instantiates a whole run from config. Read it top to bottom.
+
+Public (`__all__`), for the code that trains outside `python train.py`: `run(cfg)` is the whole run;
+`assemble(cfg)` builds one (`Assembled`: DataModule, task, Trainer, loggers) without fitting it, for
+compression's recovery runs (`tunelab.compress.recover`) and the benchmarks; `check_config`, `prepared_data`
+and `configure_data` are its first steps. The rest is this module's own.
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tunelab import artifacts, runs, runtime
 from tunelab.artifacts import adapters
-from tunelab.checkpoints import AtomicCheckpointIO, ResumeState, saved_config, scalars
-from tunelab.checks import check_values
 from tunelab.config import build, check_required, validate
 from tunelab.errors import TunelabError
+from tunelab.run_checks import check_values
+from tunelab.runs.checkpoints import AtomicCheckpointIO, ResumeState, saved_config, scalars
+
+__all__ = ["Assembled", "assemble", "check_config", "configure_data", "prepared_data", "run"]
 
 log = logging.getLogger("tunelab")
 

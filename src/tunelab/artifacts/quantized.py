@@ -41,9 +41,9 @@ def load(folder: Path, card: dict, config: dict, role: str) -> Any:
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from tunelab.artifacts import Artifact
-    from tunelab.compress.quantize import quantize_linear
     from tunelab.folders import own_tokenizer
     from tunelab.models import surgery
+    from tunelab.models.int8 import quantize_linear
     from tunelab.models.text import TextModel
 
     if not (folder / FILE).is_file():

@@ -195,7 +195,9 @@ def training(precision: str) -> dict[str, float]:
 
 def data_prep() -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        source = Path(compose_config(["task=mlm"], Path(tmp) / "run").data.train_file)
+        data = instantiate(compose_config(["task=mlm"], Path(tmp) / "run").data)
+        data.prepare_data()  # the embedded reviews, generated unless there
+        source = Path(data.files["train"])
         big = Path(tmp) / "unlabelled_x10.txt"
         grow_corpus(source, big, GROWTH)
         small_run = in_child("prep", str(source), str(Path(tmp) / "cache_small"))

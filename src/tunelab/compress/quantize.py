@@ -3,7 +3,7 @@
 - onnxruntime's dynamic quantization of the exported graph: int8 weights, activations quantized per
   batch at run time; the fastest CPU path for transformer encoders here.
 - PyTorch's built-in dynamic quantization (`torch.ao.quantization.quantize_dynamic`, deprecated but still
-  there) of every `nn.Linear`, for the PyTorch backend.
+  there) of every `nn.Linear`, for the PyTorch backend (`tunelab.models.int8`, which loading rebuilds with).
 - onnxruntime static quantization (QDQ, calibrated on training batches) for CNNs, whose convolutions
   dynamic quantization leaves in fp32.
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import logging
 import tempfile
-import warnings
 from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
@@ -24,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from tunelab.models.int8 import quantize_linear
 
 
 def _cleared(src: Path, dst: Path) -> Path:
@@ -74,13 +75,6 @@ def torch_dynamic(model: nn.Module) -> nn.Module:
     quantized = copy.deepcopy(model).eval()
     quantized.net = quantize_linear(quantized.net)
     return quantized
-
-
-def quantize_linear(net: nn.Module) -> nn.Module:
-    """In place: a copy would drag along the TextModel that the head's hook holds."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(net, {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
 class _quiet:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -86,12 +87,21 @@ class IndexedDataset(Dataset):
 
 
 class SplitDataModule(LightningDataModule):
-    """Holds `self.datasets[split]`; subclasses fill it in `setup` and may supply a collator."""
+    """Holds `self.datasets[split]`; subclasses fill it in `setup` and may supply a collator.
+
+    `embedded` names the folder of an embedded dataset the files live in (`${embedded:reviews,...}` in
+    conf/data): `prepare_data` generates it unless a complete copy is there. Lightning calls that once per
+    node before `setup`; the generation is atomic, so ranks that call it too are safe. Reading makes sure of
+    it as well (a marker check once prepared), so a DataModule set up directly (tests, notebooks) finds the
+    same files.
+    """
 
     modality: str = ""
 
-    def __init__(self, batch_size: int, eval_batch_size: int | None, num_workers: int) -> None:
+    def __init__(self, batch_size: int, eval_batch_size: int | None, num_workers: int,
+                 embedded: str | None = None) -> None:
         super().__init__()
+        self.embedded = Path(embedded) if embedded else None
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -100,6 +110,20 @@ class SplitDataModule(LightningDataModule):
         self.datasets: dict[str, Dataset] = {}
         # set by a task that looks samples up by position (the distillation teacher cache): batches get `index`
         self.with_index = False
+
+    def prepare_data(self) -> None:
+        self.ensure_embedded()
+
+    def ensure_embedded(self) -> None:
+        """Generate the embedded dataset this DataModule reads, unless a complete copy is there."""
+        if self.embedded is None:
+            return
+        from tunelab.data.embedded import NAMES, ensure
+
+        if self.embedded.name not in NAMES:
+            raise TunelabError(f"data.embedded={self.embedded}: not an embedded dataset's folder (expected "
+                               f"<data_dir>/<name>, the name one of {', '.join(NAMES)})")
+        ensure(self.embedded.name, self.embedded.parent)
 
     @property
     def num_classes(self) -> int:

@@ -79,8 +79,9 @@ class ImageFolderDataModule(SplitDataModule):
         batch_size: int = 64,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
+        embedded: str | None = None,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers)
+        super().__init__(batch_size, eval_batch_size, num_workers, embedded)
         self.root = Path(root).expanduser()
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
         self.model_name, self.image_size = model_name, image_size
@@ -126,6 +127,7 @@ class ImageFolderDataModule(SplitDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
+        self.ensure_embedded()
         split_dirs = {s: self.root / s for s in SPLITS if (self.root / s).is_dir()}
         if "train" in split_dirs:
             folders = {s: self._folder(p, f"data.root/{s}") for s, p in split_dirs.items()}

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tunelab import processes
 from tunelab.contracts import ATTENTION_MASK, INDEX, INPUT_IDS, PIXEL_VALUES, Layer
 from tunelab.data.base import IndexedDataset
 from tunelab.errors import TunelabError
+from tunelab.runs import processes
 
 VERSION = "1"
 INPUT_KEYS = (INPUT_IDS, ATTENTION_MASK, PIXEL_VALUES)

@@ -108,8 +108,9 @@ class TextDataModule(SplitDataModule):
         pack: bool = False,
         collator: Callable[..., Any] | None = None,
         num_proc: int | None = None,
+        embedded: str | None = None,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers)
+        super().__init__(batch_size, eval_batch_size, num_workers, embedded)
         if encoding_errors not in ("strict", "replace", "ignore"):
             raise TunelabError(f"data.encoding_errors={encoding_errors!r} (expected strict, replace or ignore)")
         self.files = {"train": train_file, "val": val_file, "test": test_file}
@@ -208,6 +209,7 @@ class TextDataModule(SplitDataModule):
 
     def read_splits(self) -> dict[str, datasets.Dataset]:
         """The raw train/val/test records (before tokenizing), split and subset as configured."""
+        self.ensure_embedded()  # read here by `setup` and by a domain pair's shared tokenizer
         train = self._read("train")
         raw = {"train": train}
         for split, fraction in (("test", self.test_fraction), ("val", self.val_fraction)):

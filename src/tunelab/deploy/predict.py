@@ -37,8 +37,8 @@ RULES = (
 
 
 def check_rules(cfg: DictConfig, rules: tuple[tuple[str, checks.Rule], ...]) -> None:
-    """The config's own keys checked like training's (`checks.check_values` does the `data.*` ones)."""
-    checks.check_values(cfg)
+    """The config's own keys checked like training's (`checks.DATA` does the `data.*` ones)."""
+    checks.check(cfg, checks.DATA)
     for key, rule in rules:
         if (problem := rule.error(key, OmegaConf.select(cfg, key))) is not None:
             raise TunelabError(problem)

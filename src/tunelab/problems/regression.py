@@ -10,6 +10,7 @@ returns them). MSE by default, Huber as an option; MAE, RMSE, Pearson and Spearm
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -192,11 +193,14 @@ class Regression(FloatRows):
     def metrics(self) -> MetricCollection:
         k = len(self.outputs)
         per_output = {"num_outputs": k} if k > 1 else {}
+        with warnings.catch_warnings():  # Spearman keeps one epoch's predictions of a split, as ranking needs
+            warnings.filterwarnings("ignore", "Metric `SpearmanCorrcoef` will save", UserWarning)
+            spearman = MeanOver(SpearmanCorrCoef(**per_output))
         return MetricCollection({
             "mae": MeanOver(MeanAbsoluteError(**per_output)),
             "rmse": MeanOver(MeanSquaredError(squared=False, **per_output)),
             "pearson": MeanOver(PearsonCorrCoef(**per_output)),
-            "spearman": MeanOver(SpearmanCorrCoef(**per_output)),
+            "spearman": spearman,
         }, compute_groups=False)
 
     def metric_inputs(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

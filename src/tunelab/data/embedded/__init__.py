@@ -27,7 +27,14 @@ _GENERATORS: dict[str, tuple[Callable[[Path], None], str]] = {
 }
 NAMES = tuple(_GENERATORS)
 
-__all__ = ["MARKER", "NAMES", "ensure", "reviews_test"]
+__all__ = ["MARKER", "NAMES", "ensure", "folder", "reviews_test"]
+
+
+def folder(name: str, root: str | Path) -> Path:
+    """Where the embedded dataset `name` lives under `root` (`<root>/<name>`); nothing is generated."""
+    if name not in _GENERATORS:
+        raise ValueError(f"unknown embedded dataset {name!r}; valid names: {', '.join(NAMES)}")
+    return Path(root) / name
 
 
 def ensure(name: str, root: str | Path) -> Path:
@@ -36,10 +43,8 @@ def ensure(name: str, root: str | Path) -> Path:
     Generation happens in a temporary sibling folder that is renamed into place only when finished, so
     a killed run or two concurrent runs never leave a half-written dataset behind.
     """
-    if name not in _GENERATORS:
-        raise ValueError(f"unknown embedded dataset {name!r}; valid names: {', '.join(NAMES)}")
+    target = folder(name, root)
     generate, version = _GENERATORS[name]
-    target = Path(root) / name
     if _is_complete(target, version):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -31,8 +31,8 @@ from lightning.fabric.strategies.launchers import subprocess_script as fabric_la
 from lightning.pytorch.strategies.launchers import subprocess_script as trainer_launcher
 from torch import nn
 
-from tunelab import processes
 from tunelab.errors import TunelabError
+from tunelab.runs import processes
 
 log = logging.getLogger("tunelab")
 
@@ -86,7 +86,7 @@ def install() -> None:
     """Make Lightning's subprocess launchers (Trainer and Fabric) start children with `hydra_child_command`."""
     for module in (fabric_launcher, trainer_launcher):
         if not hasattr(module, "_hydra_subprocess_cmd"):
-            raise RuntimeError(f"{module.__name__} no longer has _hydra_subprocess_cmd; update tunelab.distributed")
+            raise RuntimeError(f"{module.__name__} no longer has _hydra_subprocess_cmd; update tunelab.runs.distributed")
         module._hydra_subprocess_cmd = hydra_child_command
 
 

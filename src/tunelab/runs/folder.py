@@ -25,8 +25,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from tunelab import processes
 from tunelab.errors import TunelabError
+from tunelab.runs import processes
 
 STATUS, LOCK, LAST = "status.json", ".lock", "checkpoints/last.ckpt"
 

@@ -225,10 +225,12 @@ def test_multi_label_run_stores_thresholds_and_predicts_label_sets(aspects_run: 
     assert summary["labelled"] == len(texts) and 0 <= summary["f1_micro"] <= 1
 
 
+@pytest.mark.slow  # the regression twin runs in the fast suite; this one repeats the same machinery
 def test_multi_label_int8_and_onnx_reload_with_the_same_outputs(aspects_run: Path) -> None:
     check_variants(aspects_run, "multi_label")
 
 
+@pytest.mark.slow
 def test_multi_label_distils_with_sigmoid_soft_targets(aspects_run: Path, tmp_path: Path) -> None:
     out = train(["experiment=reviews_aspects", "task=distill", f"teacher.path={aspects_run}"], tmp_path / "run")
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]

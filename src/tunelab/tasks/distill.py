@@ -103,7 +103,9 @@ class DistillTask(FinetuneTask):
                 raise TunelabError("task.cache_teacher=true reads the teacher's outputs by sample index, but the "
                                    "DataModule gives no index (configure it with tunelab.train.configure_data)")
         self.agreement = nn.ModuleDict({s: MeanMetric() for s in ("train_", "val_", "test_")})
-        self.teacher_scores = nn.ModuleDict({s: self.problem.metrics() for s in ("val_", "test_")})
+        # the teacher is scored as it decides on its own (its card's problem: e.g. its own label thresholds)
+        self.teacher_problem = loaded.problem or self.problem
+        self.teacher_scores = nn.ModuleDict({s: self.teacher_problem.metrics() for s in ("val_", "test_")})
         self._eval_teacher: dict[tuple[str, int], torch.Tensor] = {}  # teacher logits per eval batch: run once
         self._latency_batch: dict[str, torch.Tensor] | None = None
 
@@ -204,7 +206,7 @@ class DistillTask(FinetuneTask):
         self.log(f"{split}/kd", self.problem.soft_loss(logits, teacher_logits, self.temperature), sync_dist=True,
                  batch_size=n)
         self.agreement[f"{split}_"].update(self.problem.agreement(logits, teacher_logits), n)
-        preds, target = self.problem.metric_inputs(teacher_logits, labels)
+        preds, target = self.teacher_problem.metric_inputs(teacher_logits, labels)
         if len(target):
             self.teacher_scores[f"{split}_"].update(preds, target)
         self.scores.update(split, logits, labels)

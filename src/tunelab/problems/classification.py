@@ -82,7 +82,7 @@ class Classification(PlainOutputs):
 
     def encode(self, target: str, where: str) -> int:
         index = getattr(self, "_index", None)
-        if index is None or len(index) != len(self.outputs):
+        if index is None or list(index) != self.outputs:  # built once per label set
             self._index = index = {name: i for i, name in enumerate(self.outputs)}
         if target not in index:
             raise TunelabError(f"{where}: label {target!r} is not in the label set (expected one of {self.outputs}; "

@@ -39,11 +39,13 @@ def test_a_pretrained_teacher_teaches_a_smaller_copy_of_itself(pretrained_teache
     assert tokenizer.get_vocab() == artifacts.load(pretrained_teacher / "model").tokenizer.get_vocab()
 
 
+@pytest.mark.slow  # the pretrained-teacher default above and the problem check below stay in the fast suite
 def test_student_model_keeps_the_configured_model(pretrained_teacher: Path, tmp_path: Path) -> None:
     out = train(["task=distill", f"teacher.path={pretrained_teacher}", "task.student=model"], tmp_path / "run")
     assert student_config(out)["hidden_size"] == 128  # model=bert_tiny, the distill task's default
 
 
+@pytest.mark.slow
 def test_a_from_scratch_teacher_keeps_the_configured_model(tmp_path: Path) -> None:
     teacher = train(["model.hidden_size=64"], tmp_path / "teacher")
     out = train(["task=distill", f"teacher.path={teacher}", "model.hidden_size=32", "model.intermediate_size=64"],

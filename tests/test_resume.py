@@ -21,7 +21,10 @@ from safetensors.torch import load_file
 BUDGET = ["trainer.max_epochs=2", "trainer.limit_train_batches=6", "trainer.limit_val_batches=2",
           "trainer.limit_test_batches=2", "callbacks.model_checkpoint.every_n_train_steps=2",
           "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
-TASKS = {"finetune": ["model.hidden_size=64"], "mlm": ["task=mlm", "model.hidden_size=64"]}
+TASKS = {"finetune": ["model.hidden_size=64"], "mlm": ["task=mlm", "model.hidden_size=64"],
+         # problems whose metrics keep more state (Spearman's predictions, per-label counts), in their own folders
+         "regression": ["experiment=reviews_stars", "model.hidden_size=64", "task_name=regression"],
+         "multi_label": ["experiment=reviews_aspects", "model.hidden_size=64", "task_name=multi_label"]}
 TESTS = str(Path(__file__).parent)
 
 
@@ -94,6 +97,8 @@ def killed_and_resumed(cwd: Path, task: str, hook: str, step: int) -> Path:
     pytest.param("finetune", "test_start", 12, marks=pytest.mark.slow),  # only test and export are left
     pytest.param("mlm", "train_batch_end", 3, marks=pytest.mark.slow),
     pytest.param("mlm", "validation_end", 6, marks=pytest.mark.slow),
+    pytest.param("regression", "train_batch_end", 3, marks=pytest.mark.slow),
+    pytest.param("multi_label", "validation_end", 6, marks=pytest.mark.slow),
 ])
 def test_killed_run_resumes_bit_exactly(reference, tmp_path: Path, task: str, hook: str, step: int) -> None:
     run = killed_and_resumed(tmp_path, task, hook, step)
